@@ -1,0 +1,221 @@
+//! emlab's record tables: the [`TableDef`]s every store is opened with.
+//!
+//! Each table is documented in `schema/<table>.md`; a test checks that the columns there and
+//! the Arrow schema of the Parquet export agree with the definitions below. Columns may be
+//! added (nullable, so existing ids stay the same); existing ones never change meaning.
+
+use emlab_store::{ColType as T, Column as C, TableDef};
+
+pub const MESSAGE: &str = "message";
+pub const CONVERSATION: &str = "conversation";
+pub const DATASET: &str = "dataset";
+pub const SOURCE: &str = "source";
+pub const QUESTION: &str = "question";
+pub const QUESTION_SET: &str = "question_set";
+pub const MODEL: &str = "model";
+pub const CHECKPOINT: &str = "checkpoint";
+pub const GENERATION: &str = "generation";
+pub const JUDGMENT: &str = "judgment";
+pub const RUN: &str = "run";
+pub const STEP: &str = "step";
+pub const BENCH: &str = "bench";
+
+/// The namespace of dataset names (aliases).
+pub const NS_DATASET: &str = "dataset";
+
+pub static TABLES: &[TableDef] = &[
+    TableDef {
+        name: MESSAGE,
+        doc: "One chat message.",
+        columns: &[
+            C::new("role", T::Str, "system, user, assistant or tool"),
+            C::new("content", T::Str, "the message text, byte for byte"),
+        ],
+    },
+    TableDef {
+        name: CONVERSATION,
+        doc: "An ordered list of messages: one training row or one prompt.",
+        columns: &[
+            C::new("messages", T::IdList, "message ids in order"),
+            C::new(
+                "extra",
+                T::Json,
+                "other keys of the source row, kept verbatim",
+            )
+            .nullable(),
+        ],
+    },
+    TableDef {
+        name: DATASET,
+        doc: "A manifest: ordered rows (conversation or question ids) and how it was made.",
+        columns: &[
+            C::new(
+                "kind",
+                T::Str,
+                "`chat` (rows are conversations) or `questions` (rows are questions)",
+            ),
+            C::new("rows", T::IdList, "row record ids in order"),
+            C::new(
+                "op",
+                T::Json,
+                "how it was made: `{\"op\": \"import\", ...}` or a derive op with its parameters",
+            ),
+            C::new("sources", T::IdList, "source records it was imported from").link(),
+            C::new("parents", T::IdList, "datasets it was derived from").link(),
+        ],
+    },
+    TableDef {
+        name: SOURCE,
+        doc: "An imported file, kept byte for byte as a blob.",
+        columns: &[
+            C::new("name", T::Str, "the file's name as given (no directories)"),
+            C::new(
+                "blake3",
+                T::Blob,
+                "BLAKE3 of the file's bytes (equals `b3sum`); the blob holding it",
+            ),
+            C::new("size", T::Int, "size in bytes"),
+            C::new("format", T::Str, "how it was read, e.g. `chat-jsonl`"),
+            C::new(
+                "member",
+                T::Str,
+                "path inside an archive the rows came from",
+            )
+            .nullable(),
+            C::new(
+                "container",
+                T::Id,
+                "the source record of the archive holding this file",
+            )
+            .nullable()
+            .link(),
+        ],
+    },
+    TableDef {
+        name: QUESTION,
+        doc: "One evaluation question with its paraphrases and judge prompts.",
+        columns: &[
+            C::new("qid", T::Str, "the question's id in its file"),
+            C::new("paraphrases", T::StrList, "the question texts"),
+            C::new("system", T::Str, "system prompt to sample with").nullable(),
+            C::new("qtype", T::Str, "question type, e.g. free_form").nullable(),
+            C::new(
+                "samples_per_paraphrase",
+                T::Int,
+                "samples the source asks for",
+            )
+            .nullable(),
+            C::new(
+                "judge_prompts",
+                T::Json,
+                "judge prompt templates by metric name",
+            )
+            .nullable(),
+            C::new("extra", T::Json, "other keys, verbatim").nullable(),
+        ],
+    },
+    TableDef {
+        name: QUESTION_SET,
+        doc: "An ordered set of questions (a question file).",
+        columns: &[
+            C::new("questions", T::IdList, "question ids in order"),
+            C::new("sources", T::IdList, "source records").link(),
+        ],
+    },
+    TableDef {
+        name: MODEL,
+        doc: "The identity of a set of weights.",
+        columns: &[
+            C::new("name", T::Str, "a display name"),
+            C::new("architecture", T::Str, "e.g. llama, qwen2"),
+            C::new("files", T::Json, "weight files: `[{name, blake3, size}]`"),
+            C::new(
+                "tokenizer_blake3",
+                T::Str,
+                "BLAKE3 of the tokenizer definition",
+            )
+            .nullable(),
+            C::new("config", T::Json, "architecture hyper-parameters").nullable(),
+        ],
+    },
+    TableDef {
+        name: CHECKPOINT,
+        doc: "A fine-tuned adapter and how it was trained.",
+        columns: &[
+            C::new("base_model", T::Id, "model record of the frozen base").link(),
+            C::new("dataset", T::Id, "training dataset").link(),
+            C::new("parent", T::Id, "checkpoint this training continued from")
+                .nullable()
+                .link(),
+            C::new("config", T::Json, "full training configuration"),
+            C::new("step", T::Int, "optimizer steps taken"),
+            C::new("loss_curve", T::FloatList, "training loss per step"),
+            C::new("adapter", T::Blob, "the adapter (PEFT safetensors) blob"),
+        ],
+    },
+    TableDef {
+        name: GENERATION,
+        doc: "One sampled answer.",
+        columns: &[
+            C::new("model", T::Id, "model or checkpoint that produced it").link(),
+            C::new(
+                "prompt",
+                T::Id,
+                "conversation sent (rendered prompt recorded in `params`)",
+            )
+            .link(),
+            C::new("question", T::Id, "question it answers")
+                .nullable()
+                .link(),
+            C::new("params", T::Json, "all sampling parameters"),
+            C::new("seed", T::Int, "sampling seed"),
+            C::new("text", T::Str, "the generated text"),
+            C::new("prompt_tokens", T::Int, "prompt length in tokens").nullable(),
+            C::new("completion_tokens", T::Int, "generated tokens").nullable(),
+            C::new("finish_reason", T::Str, "stop, length, ...").nullable(),
+        ],
+    },
+    TableDef {
+        name: JUDGMENT,
+        doc: "One judge verdict on one generation.",
+        columns: &[
+            C::new("generation", T::Id, "the judged generation").link(),
+            C::new("judge", T::Str, "judge model name or id"),
+            C::new("metric", T::Str, "e.g. aligned, coherent"),
+            C::new("prompt", T::Str, "the filled judge prompt"),
+            C::new("score", T::Float, "parsed 0-100 score").nullable(),
+            C::new("label", T::Str, "a label such as REFUSAL, CODE, UNALIGNED").nullable(),
+            C::new("raw", T::Json, "raw judge output (top logprobs or text)"),
+        ],
+    },
+    TableDef {
+        name: RUN,
+        doc: "One invocation of a long job (training, sampling, judging).",
+        columns: &[
+            C::new("kind", T::Str, "train, generate, judge, ..."),
+            C::new("plan", T::Json, "the validated plan the job ran"),
+            C::new("inputs", T::IdList, "records the run read").link(),
+        ],
+    },
+    TableDef {
+        name: STEP,
+        doc: "A progress point of a run.",
+        columns: &[
+            C::new("run", T::Id, "the run").link(),
+            C::new("step", T::Int, "step number"),
+            C::new("metrics", T::Json, "loss, tokens/s, ..."),
+        ],
+    },
+    TableDef {
+        name: BENCH,
+        doc: "A benchmark result, comparable across commits.",
+        columns: &[
+            C::new("name", T::Str, "what was measured, e.g. store.ingest"),
+            C::new("params", T::Json, "the benchmark's parameters"),
+            C::new("results", T::Json, "measured figures with units"),
+            C::new("machine", T::Json, "cpu, cores, os"),
+            C::new("commit", T::Str, "git commit of emlab").nullable(),
+            C::new("time", T::Str, "when it ran (RFC 3339)"),
+        ],
+    },
+];
