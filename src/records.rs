@@ -219,3 +219,41 @@ pub static TABLES: &[TableDef] = &[
         ],
     },
 ];
+
+/// The Markdown documentation of a table, as kept in `schema/<table>.md`. The column table is
+/// generated from the definition (a test compares the file, and the exported Parquet schema,
+/// with it); run the tests with `EMLAB_BLESS=1` to rewrite the files after adding a column.
+pub fn schema_markdown(def: &TableDef) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "# `{}`\n\n{}\n", def.name, def.doc);
+    let _ = writeln!(
+        s,
+        "Parquet: `<export>/{}/part=<first seq>/data.parquet`, one row per record.\n",
+        def.name
+    );
+    let _ = writeln!(s, "| column | type | parquet | nullable | lineage | meaning |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| `id` | id | Utf8 | no | | BLAKE3 record id (hex) |");
+    for c in def.columns {
+        let _ = writeln!(
+            s,
+            "| `{}` | {} | {} | {} | {} | {} |",
+            c.name,
+            c.ty.name(),
+            parquet_type_name(c.ty),
+            if c.nullable { "yes" } else { "no" },
+            if c.link { "parent" } else { "" },
+            c.doc.replace('|', "\\|")
+        );
+    }
+    s
+}
+
+/// How a column type appears in the exported Parquet (Arrow) schema.
+pub fn parquet_type_name(ty: emlab_store::ColType) -> String {
+    match emlab_store::export::arrow_type(ty) {
+        arrow::datatypes::DataType::List(f) => format!("List<{}>", f.data_type()),
+        t => t.to_string(),
+    }
+}

@@ -4,7 +4,10 @@
 //! then writes: the raw file as a blob, then one [`Batch`] holding every record and the dataset
 //! name. A bad row therefore stores nothing, and a killed import leaves the store as it was.
 
+pub mod archive;
 pub mod chat;
+pub mod qa;
+pub mod questions;
 
 use std::path::{Path, PathBuf};
 

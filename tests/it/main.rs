@@ -1,1 +1,8 @@
+//! Integration tests: one binary, modules per area. `util` holds the temp-store helper and the
+//! runner for the `emlab` binary.
 
+mod util;
+
+mod crash;
+mod schema;
+mod store_cli;

@@ -1,0 +1,93 @@
+//! Test helpers: a temporary store directory and a runner for the real `emlab` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct TestStore {
+    pub tmp: tempfile::TempDir,
+}
+
+impl TestStore {
+    pub fn new() -> TestStore {
+        TestStore { tmp: tempfile::tempdir().expect("tempdir") }
+    }
+    pub fn dir(&self) -> PathBuf {
+        self.tmp.path().join("store")
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+    /// Run `emlab --store <dir> ARGS`.
+    pub fn run(&self, args: &[&str]) -> Run {
+        run_in(&self.dir(), args)
+    }
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(r.ok(), "emlab {args:?} failed:\n{}", r.stderr);
+        r.stdout
+    }
+    pub fn write(&self, name: &str, body: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, body).expect("write fixture");
+        p
+    }
+}
+
+pub struct Run {
+    pub out: Output,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.out.status.success()
+    }
+}
+
+pub fn emlab() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_emlab"));
+    c.env_remove("EMLAB_STORE").env_remove("RUST_LOG").env("NO_COLOR", "1");
+    c
+}
+
+pub fn run_in(store: &Path, args: &[&str]) -> Run {
+    let out = emlab().arg("--store").arg(store).args(args).output().expect("spawn emlab");
+    Run {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        out,
+    }
+}
+
+/// `../shared/data/<rel>` beside the repository.
+pub fn shared(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
+}
+
+/// A chat JSONL body of `n` distinct rows tagged with `tag`.
+pub fn chat_jsonl(tag: &str, n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str(&format!(
+            "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{tag} question {i}\"}},{{\"role\":\"assistant\",\"content\":\"{tag} answer {i}\"}}]}}\n"
+        ));
+    }
+    s
+}
+
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Is the `duckdb` CLI available? CI installs it (`pip install duckdb-cli`); tests that need it
+/// fail, not skip, when it is missing so a broken CI setup cannot pass silently.
+pub fn duckdb() -> Command {
+    let ok = Command::new("duckdb").arg("--version").output().map(|o| o.status.success());
+    assert!(
+        matches!(ok, Ok(true)),
+        "the duckdb CLI is required for this test: pip install duckdb-cli"
+    );
+    Command::new("duckdb")
+}
