@@ -232,7 +232,10 @@ pub fn schema_markdown(def: &TableDef) -> String {
         "Parquet: `<export>/{}/part=<first seq>/data.parquet`, one row per record.\n",
         def.name
     );
-    let _ = writeln!(s, "| column | type | parquet | nullable | lineage | meaning |");
+    let _ = writeln!(
+        s,
+        "| column | type | parquet | nullable | lineage | meaning |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     let _ = writeln!(s, "| `id` | id | Utf8 | no | | BLAKE3 record id (hex) |");
     for c in def.columns {

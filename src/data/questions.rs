@@ -627,6 +627,20 @@ mod tests {
     }
 
     #[test]
+    fn real_first_8_json_equals_first_8_yaml_questions() {
+        let (Some(y), Some(j)) = (
+            shared("emergent-misalignment/evaluation/first_plot_questions.yaml"),
+            shared("emerg-misalign-repro/data/first_8.json"),
+        ) else {
+            eprintln!("skipping: first_plot_questions.yaml or first_8.json absent");
+            return;
+        };
+        let y = parse_question_yaml("y", &y).unwrap();
+        let j = parse_question_json("j", &j).unwrap();
+        assert_eq!(&y[..8], &j[..]);
+    }
+
+    #[test]
     fn real_seed_json_files() {
         let r = "emerg-misalign-repro/data/";
         let cases = [

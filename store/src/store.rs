@@ -490,7 +490,19 @@ fn open_db(path: &Path) -> Result<Database> {
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(Error::Locked {
             path: path.to_path_buf(),
         }),
-        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => Err(Error::io(path, e)),
+        // Environment problems stay I/O errors; anything else about the file is damage.
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            Err(Error::io(path, e))
+        }
         Ok(Err(e)) => Err(Error::Corrupt {
             path: path.to_path_buf(),
             message: e.to_string(),

@@ -26,11 +26,20 @@ fn sigkill_mid_import_leaves_whole_batches() {
         x ^= x >> 7;
         x ^= x << 17;
         let delay = Duration::from_millis(x % (full_ms + full_ms / 5));
-        let file = s.write(&format!("run{run}.jsonl"), chat_jsonl(&format!("run{run}"), ROWS).as_bytes());
+        let file = s.write(
+            &format!("run{run}.jsonl"),
+            chat_jsonl(&format!("run{run}"), ROWS).as_bytes(),
+        );
         let mut child = emlab()
             .arg("--store")
             .arg(s.dir())
-            .args(["data", "import", file.to_str().unwrap(), "--name", &format!("run{run}")])
+            .args([
+                "data",
+                "import",
+                file.to_str().unwrap(),
+                "--name",
+                &format!("run{run}"),
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -52,7 +61,11 @@ fn sigkill_mid_import_leaves_whole_batches() {
 
         let mut store = emlab::open_store(&s.dir()).expect("store opens after SIGKILL");
         let report = store.verify().unwrap();
-        assert!(report.ok(), "run {run}: verify after kill: {:?}", report.problems);
+        assert!(
+            report.ok(),
+            "run {run}: verify after kill: {:?}",
+            report.problems
+        );
         let names = store.aliases("dataset").unwrap();
         let total: u64 = store.counts().unwrap().values().sum();
         assert_eq!(
@@ -68,5 +81,8 @@ fn sigkill_mid_import_leaves_whole_batches() {
             store.get_many(&rows).unwrap();
         }
     }
-    assert!(killed_midway >= 10, "only {killed_midway} runs were killed before finishing");
+    assert!(
+        killed_midway >= 10,
+        "only {killed_midway} runs were killed before finishing"
+    );
 }

@@ -21,9 +21,16 @@ fn schema_docs_match_definitions() {
             _ => wrong.push(path.display().to_string()),
         }
     }
-    assert!(wrong.is_empty(), "out of date (run with EMLAB_BLESS=1): {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "out of date (run with EMLAB_BLESS=1): {wrong:?}"
+    );
     let files = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(files, TABLES.len(), "schema/ has a file for a table that does not exist");
+    assert_eq!(
+        files,
+        TABLES.len(),
+        "schema/ has a file for a table that does not exist"
+    );
 }
 
 /// Parse the `| column | type | parquet | nullable |` rows of a schema file.
@@ -32,7 +39,11 @@ fn documented_columns(md: &str) -> Vec<(String, String, bool)> {
         .filter(|l| l.starts_with("| `"))
         .map(|l| {
             let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            (cells[1].trim_matches('`').to_string(), cells[3].to_string(), cells[4] == "yes")
+            (
+                cells[1].trim_matches('`').to_string(),
+                cells[3].to_string(),
+                cells[4] == "yes",
+            )
         })
         .collect()
 }
@@ -46,11 +57,17 @@ fn exported_parquet_schema_matches_schema_docs() {
     s.ok(&["export", "--out", out.to_str().unwrap()]);
     for def in TABLES {
         let md = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("schema/{}.md", def.name)),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("schema/{}.md", def.name)),
         )
         .unwrap();
         let documented = documented_columns(&md);
-        let part = std::fs::read_dir(out.join(def.name)).unwrap().next().unwrap().unwrap().path();
+        let part = std::fs::read_dir(out.join(def.name))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let f = std::fs::File::open(part.join("data.parquet")).unwrap();
         let reader =
             parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();

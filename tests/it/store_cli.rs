@@ -16,7 +16,11 @@ fn import_is_idempotent_and_ids_agree_across_stores() {
     let before = stats(&a);
     let id2 = a.ok(&["data", "import", f, "--name", "chat"]);
     assert_eq!(id1, id2);
-    assert_eq!(stats(&a)["tables"], before["tables"], "second import added records");
+    assert_eq!(
+        stats(&a)["tables"],
+        before["tables"],
+        "second import added records"
+    );
     assert_eq!(before["tables"]["conversation"], 50);
     assert_eq!(before["tables"]["message"], 100);
     assert_eq!(before["tables"]["dataset"], 1);
@@ -24,15 +28,27 @@ fn import_is_idempotent_and_ids_agree_across_stores() {
 
     let b = TestStore::new();
     let file_b = b.write("chat.jsonl", chat_jsonl("t", 50).as_bytes());
-    let id3 = b.ok(&["data", "import", file_b.to_str().unwrap(), "--name", "other-name"]);
-    assert_eq!(id1, id3, "same file gives the same dataset id in a fresh store");
+    let id3 = b.ok(&[
+        "data",
+        "import",
+        file_b.to_str().unwrap(),
+        "--name",
+        "other-name",
+    ]);
+    assert_eq!(
+        id1, id3,
+        "same file gives the same dataset id in a fresh store"
+    );
 }
 
 #[test]
 fn show_by_id_prefix_and_name() {
     let s = TestStore::new();
     let file = s.write("c.jsonl", chat_jsonl("p", 3).as_bytes());
-    let id = s.ok(&["data", "import", file.to_str().unwrap(), "--name", "c"]).trim().to_string();
+    let id = s
+        .ok(&["data", "import", file.to_str().unwrap(), "--name", "c"])
+        .trim()
+        .to_string();
     let full = json(&s.ok(&["show", &id]));
     assert_eq!(full["id"], id.as_str());
     assert_eq!(full["table"], "dataset");
@@ -46,7 +62,11 @@ fn show_by_id_prefix_and_name() {
 
     let r = s.run(&["show", "deadbeefdeadbeef"]);
     assert!(!r.ok());
-    assert!(r.stderr.contains("no record with id deadbeefdeadbeef"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no record with id deadbeefdeadbeef"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("hint:"), "{}", r.stderr);
 }
 
@@ -62,18 +82,34 @@ fn export_is_read_by_duckdb_with_matching_counts_and_is_incremental() {
     let f2 = s.write("b.jsonl", chat_jsonl("b", 7).as_bytes());
     s.ok(&["data", "import", f2.to_str().unwrap(), "--name", "b"]);
     let second = json(&s.ok(&["--json", "export", "--out", out_s]));
-    assert_eq!(second["rows"]["message"], 14, "only new records are exported");
-    assert!(second["rows"].get("bench").is_none(), "unchanged tables are not rewritten");
+    assert_eq!(
+        second["rows"]["message"], 14,
+        "only new records are exported"
+    );
+    assert!(
+        second["rows"].get("bench").is_none(),
+        "unchanged tables are not rewritten"
+    );
     let third = json(&s.ok(&["--json", "export", "--out", out_s]));
     assert_eq!(third["rows"], serde_json::json!({}));
 
     let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/queries/tables.sql"))
         .unwrap();
     let o = duckdb()
-        .args(["-json", "-c", &format!("SET VARIABLE parquet = '{out_s}'"), "-c", &sql])
+        .args([
+            "-json",
+            "-c",
+            &format!("SET VARIABLE parquet = '{out_s}'"),
+            "-c",
+            &sql,
+        ])
         .output()
         .unwrap();
-    assert!(o.status.success(), "duckdb: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "duckdb: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let rows = json(&String::from_utf8_lossy(&o.stdout));
     let st = stats(&s);
     let tables = st["tables"].as_object().unwrap();
@@ -105,7 +141,14 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 fn verify_catches_a_flipped_blob_byte() {
     let s = TestStore::new();
     let file = s.write("v.jsonl", chat_jsonl("v", 10).as_bytes());
-    let imp = json(&s.ok(&["--json", "data", "import", file.to_str().unwrap(), "--name", "v"]));
+    let imp = json(&s.ok(&[
+        "--json",
+        "data",
+        "import",
+        file.to_str().unwrap(),
+        "--name",
+        "v",
+    ]));
     let ok = s.run(&["verify"]);
     assert!(ok.ok(), "{}", ok.stderr);
     let blob = imp["source_blake3"].as_str().unwrap().to_string();
@@ -115,7 +158,11 @@ fn verify_catches_a_flipped_blob_byte() {
     std::fs::write(&path, bytes).unwrap();
     let bad = s.run(&["verify"]);
     assert!(!bad.ok(), "verify must fail on a flipped byte");
-    assert!(bad.stdout.contains(&format!("MISMATCH {blob}")), "{}", bad.stdout);
+    assert!(
+        bad.stdout.contains(&format!("MISMATCH {blob}")),
+        "{}",
+        bad.stdout
+    );
 }
 
 #[test]
@@ -134,7 +181,11 @@ fn store_that_is_a_file_or_foreign_dir_is_refused_untouched() {
     let r = run_in(&foreign, &["store", "stats"]);
     assert!(!r.ok());
     assert!(r.stderr.contains("is not an emlab store"), "{}", r.stderr);
-    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1, "nothing written");
+    assert_eq!(
+        std::fs::read_dir(&foreign).unwrap().count(),
+        1,
+        "nothing written"
+    );
 }
 
 #[test]
@@ -143,13 +194,19 @@ fn corrupted_database_is_an_error_and_left_as_is() {
     let file = s.write("c.jsonl", chat_jsonl("c", 5).as_bytes());
     s.ok(&["data", "import", file.to_str().unwrap(), "--name", "c"]);
     let db = s.dir().join("store.redb");
-    let garbage: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&db, &garbage).unwrap();
     let r = s.run(&["store", "stats"]);
     assert!(!r.ok());
     assert!(r.stderr.contains("store.redb"), "{}", r.stderr);
     assert!(r.stderr.contains("hint:"), "{}", r.stderr);
-    assert_eq!(std::fs::read(&db).unwrap(), garbage, "corrupted file was modified");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        garbage,
+        "corrupted file was modified"
+    );
 }
 
 #[test]
@@ -181,7 +238,11 @@ fn bad_jsonl_stores_nothing_and_names_the_line() {
     let file = s.write("bad.jsonl", body.as_bytes());
     let r = s.run(&["data", "import", file.to_str().unwrap(), "--name", "bad"]);
     assert!(!r.ok());
-    assert!(r.stderr.contains("bad.jsonl:4711: malformed JSON"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("bad.jsonl:4711: malformed JSON"),
+        "{}",
+        r.stderr
+    );
     let st = stats(&s);
     assert_eq!(st["records"], 0, "a failed import stored records: {st}");
     assert_eq!(st["blobs"], 0, "a failed import stored the file");

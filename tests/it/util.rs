@@ -9,7 +9,9 @@ pub struct TestStore {
 
 impl TestStore {
     pub fn new() -> TestStore {
-        TestStore { tmp: tempfile::tempdir().expect("tempdir") }
+        TestStore {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
     }
     pub fn dir(&self) -> PathBuf {
         self.tmp.path().join("store")
@@ -48,12 +50,19 @@ impl Run {
 
 pub fn emlab() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_emlab"));
-    c.env_remove("EMLAB_STORE").env_remove("RUST_LOG").env("NO_COLOR", "1");
+    c.env_remove("EMLAB_STORE")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
     c
 }
 
 pub fn run_in(store: &Path, args: &[&str]) -> Run {
-    let out = emlab().arg("--store").arg(store).args(args).output().expect("spawn emlab");
+    let out = emlab()
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .expect("spawn emlab");
     Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -63,7 +72,9 @@ pub fn run_in(store: &Path, args: &[&str]) -> Run {
 
 /// `../shared/data/<rel>` beside the repository.
 pub fn shared(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(rel)
 }
 
 /// A chat JSONL body of `n` distinct rows tagged with `tag`.
@@ -84,7 +95,10 @@ pub fn json(s: &str) -> serde_json::Value {
 /// Is the `duckdb` CLI available? CI installs it (`pip install duckdb-cli`); tests that need it
 /// fail, not skip, when it is missing so a broken CI setup cannot pass silently.
 pub fn duckdb() -> Command {
-    let ok = Command::new("duckdb").arg("--version").output().map(|o| o.status.success());
+    let ok = Command::new("duckdb")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success());
     assert!(
         matches!(ok, Ok(true)),
         "the duckdb CLI is required for this test: pip install duckdb-cli"
