@@ -120,6 +120,12 @@ pub static TABLES: &[TableDef] = &[
         columns: &[
             C::new("questions", T::IdList, "question ids in order"),
             C::new("sources", T::IdList, "source records").link(),
+            C::new(
+                "op",
+                T::Json,
+                "how it was made, e.g. `{\"op\": \"import\", \"format\": ...}`",
+            )
+            .nullable(),
         ],
     },
     TableDef {

@@ -53,10 +53,15 @@ pub enum Command {
     Export(export::Args),
     /// Re-hash every record and blob; exit non-zero on any mismatch.
     Verify,
-    /// Datasets: import, inspect.
+    /// Datasets: import, derive, inspect, export.
     Data {
         #[command(subcommand)]
         cmd: data::DataCmd,
+    },
+    /// The provenance of a record: its parents back to the source files and their BLAKE3.
+    Lineage {
+        /// Dataset name, id or id prefix.
+        target: String,
     },
 }
 
@@ -74,7 +79,9 @@ impl Ctx {
 }
 
 pub fn run() -> Result<ExitCode> {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.verbose);
     let ctx = Ctx {
         store_dir: cli.store,
@@ -85,7 +92,13 @@ pub fn run() -> Result<ExitCode> {
         Command::Show(a) => show::run(&ctx, a),
         Command::Export(a) => export::run(&ctx, a),
         Command::Verify => verify::run(&ctx),
-        Command::Data { cmd } => data::run(&ctx, cmd),
+        Command::Data { cmd } => {
+            let sub = matches
+                .subcommand_matches("data")
+                .and_then(|m| m.subcommand_matches("derive"));
+            data::run(&ctx, cmd, sub)
+        }
+        Command::Lineage { target } => data::lineage(&ctx, &target),
     }
 }
 

@@ -26,42 +26,55 @@ pub struct ChatRow {
 
 /// Parse chat JSONL bytes. `origin` names the file in errors. Blank lines are skipped.
 pub fn parse_chat_jsonl(origin: &str, bytes: &[u8]) -> Result<Vec<ChatRow>, DataError> {
+    parse_chat_jsonl_with(origin, bytes, false).map(|(rows, _)| rows)
+}
+
+/// Like [`parse_chat_jsonl`]; with `skip_invalid`, rows that fail to parse or check are left
+/// out and returned as errors instead of stopping the parse (an over-long line and an empty
+/// result still stop it).
+pub fn parse_chat_jsonl_with(
+    origin: &str,
+    bytes: &[u8],
+    skip_invalid: bool,
+) -> Result<(Vec<ChatRow>, Vec<ParseError>), DataError> {
     let mut rows = Vec::new();
+    let mut skipped = Vec::new();
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
         let line = i + 1;
-        let err = |msg: String| {
-            DataError::Parse(ParseError {
-                origin: origin.to_string(),
-                line,
-                msg,
-            })
+        let err = |msg: String| ParseError {
+            origin: origin.to_string(),
+            line,
+            msg,
         };
         if raw.len() > MAX_LINE {
-            return Err(err(format!(
+            return Err(DataError::Parse(err(format!(
                 "line is {} bytes, over the {} MiB limit for one row",
                 raw.len(),
                 MAX_LINE >> 20
-            )));
+            ))));
         }
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let text = std::str::from_utf8(raw).map_err(|e| {
-            err(format!(
-                "not UTF-8 (invalid byte at column {})",
-                e.valid_up_to() + 1
-            ))
-        })?;
-        let v: J = serde_json::from_str(text)
-            .map_err(|e| err(format!("malformed JSON at column {}: {e}", e.column())))?;
-        rows.push(chat_row(v, line).map_err(err)?);
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|e| format!("not UTF-8 (invalid byte at column {})", e.valid_up_to() + 1))
+            .and_then(|text| {
+                serde_json::from_str::<J>(text)
+                    .map_err(|e| format!("malformed JSON at column {}: {e}", e.column()))
+            })
+            .and_then(|v| chat_row(v, line));
+        match parsed {
+            Ok(row) => rows.push(row),
+            Err(msg) if skip_invalid => skipped.push(err(msg)),
+            Err(msg) => return Err(DataError::Parse(err(msg))),
+        }
     }
     if rows.is_empty() {
         return Err(DataError::Empty(origin.to_string()));
     }
-    Ok(rows)
+    Ok((rows, skipped))
 }
 
 /// Check one JSON object as a chat row.

@@ -6,16 +6,19 @@
 
 pub mod archive;
 pub mod chat;
+pub mod derive;
 pub mod qa;
 pub mod questions;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 
 use emlab_store::{Batch, Id, Record, Store, Value};
 use serde_json::json;
 
-use crate::records::{CONVERSATION, DATASET, MESSAGE, NS_DATASET, SOURCE};
+use crate::records::{CONVERSATION, DATASET, MESSAGE, NS_DATASET, QUESTION, QUESTION_SET, SOURCE};
 use chat::ChatRow;
+use questions::QuestionRow;
 
 /// A row-level parse failure: file, 1-based line, what was wrong or expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +46,7 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: cannot tell the format from the name (expected .jsonl or .jsonl.gz)")]
+    #[error("{path}: cannot tell the format from the name (expected .jsonl, .json, .yaml, .txt, optionally .gz, or .zip)")]
     UnknownFormat { path: PathBuf },
     #[error(
         "`{0}` is not a valid dataset name (letters, digits, `-`, `_`, `.`, `/`; not hex-only)"
@@ -51,33 +54,69 @@ pub enum DataError {
     BadName(String),
     #[error("no dataset named or with id `{0}`")]
     UnknownDataset(String),
+    #[error("dataset {0} is not a chat dataset (derive and export work on chat datasets)")]
+    NotChat(String),
+    #[error("{0}")]
+    Derive(String),
     #[error(transparent)]
     Store(#[from] emlab_store::Error),
 }
 
-/// How to read a file.
+/// How to read a file (or an archive member). Chosen from the name unless given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// Chat JSONL (optionally gzip-compressed).
+    /// Chat JSONL: `{"messages": [...]}` per line.
     ChatJsonl,
+    /// A JSON array of `{question, answer}` objects, read as user/assistant rows.
+    QaJson,
+    /// Evaluation questions in YAML (Betley et al. / model-organisms files).
+    QuestionsYaml,
+    /// Evaluation questions in JSON (the seed project's files).
+    QuestionsJson,
+    /// One question per line.
+    QuestionsText,
 }
 
 impl Format {
+    pub const ALL: [Format; 5] = [
+        Format::ChatJsonl,
+        Format::QaJson,
+        Format::QuestionsYaml,
+        Format::QuestionsJson,
+        Format::QuestionsText,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Format::ChatJsonl => "chat-jsonl",
+            Format::QaJson => "qa-json",
+            Format::QuestionsYaml => "questions-yaml",
+            Format::QuestionsJson => "questions-json",
+            Format::QuestionsText => "questions-text",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Format> {
+        Format::ALL.into_iter().find(|f| f.name() == s)
     }
 }
 
-/// A validated import request.
-#[derive(Debug, Clone)]
+/// A validated import request. The password is used to read the file and never stored.
+#[derive(Debug, Clone, Default)]
 pub struct ImportPlan {
     pub path: PathBuf,
     pub name: String,
+    /// Force a format instead of guessing from the file name.
+    pub format: Option<Format>,
+    /// For a zip: import only this member (named NAME); otherwise every member becomes
+    /// `NAME/<member stem>`.
+    pub member: Option<String>,
+    pub password: Option<String>,
+    /// Leave out chat rows that do not parse (each is counted and its line recorded).
+    pub skip_invalid: bool,
 }
 
-/// What an import stored.
+/// What an import stored, per dataset or question set.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImportReport {
     pub name: String,
@@ -86,6 +125,7 @@ pub struct ImportReport {
     pub source_blake3: String,
     pub kind: &'static str,
     pub rows: usize,
+    pub skipped: usize,
     pub new_records: usize,
     pub existing_records: usize,
 }
@@ -115,78 +155,290 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn detect(path: &Path) -> Result<(Format, bool), DataError> {
-    let name = file_name(path).to_ascii_lowercase();
-    if name.ends_with(".jsonl") {
-        Ok((Format::ChatJsonl, false))
-    } else if name.ends_with(".jsonl.gz") {
-        Ok((Format::ChatJsonl, true))
-    } else {
-        Err(DataError::UnknownFormat {
-            path: path.to_path_buf(),
+/// Guess a format from a file name (after any `.gz`); `.json` is sniffed.
+fn detect(name: &str, bytes: &[u8]) -> Option<Format> {
+    let n = name.to_ascii_lowercase();
+    if n.ends_with(".jsonl") {
+        Some(Format::ChatJsonl)
+    } else if n.ends_with(".yaml") || n.ends_with(".yml") {
+        Some(Format::QuestionsYaml)
+    } else if n.ends_with(".json") {
+        Some(if qa::looks_like_qa_json(bytes) {
+            Format::QaJson
+        } else {
+            Format::QuestionsJson
         })
+    } else if n.ends_with(".txt") {
+        Some(Format::QuestionsText)
+    } else {
+        None
     }
 }
 
-fn gunzip(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
+fn gunzip(origin: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
     use std::io::Read;
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(bytes)
         .read_to_end(&mut out)
-        .map_err(|source| DataError::Io {
-            path: path.to_path_buf(),
-            source,
+        .map_err(|e| {
+            DataError::Parse(ParseError {
+                origin: origin.into(),
+                line: 0,
+                msg: format!("bad gzip data: {e}"),
+            })
         })?;
     Ok(out)
 }
 
-/// Import a file as a named dataset. All-or-nothing.
-pub fn import(store: &Store, plan: &ImportPlan) -> Result<ImportReport, DataError> {
-    check_name(&plan.name)?;
-    let (format, gz) = detect(&plan.path)?;
-    let raw = read_file(&plan.path)?;
-    let origin = plan.path.display().to_string();
-    let text = if gz { gunzip(&plan.path, &raw)? } else { raw };
-    let rows = match format {
-        Format::ChatJsonl => chat::parse_chat_jsonl(&origin, &text)?,
+/// Rows parsed from one file or member.
+enum Parsed {
+    Chat(Vec<ChatRow>, Vec<ParseError>),
+    Questions(Vec<QuestionRow>),
+}
+
+/// One parsed unit (a file, or a member of an archive) waiting to be written.
+struct Unit {
+    name: String,
+    file_name: String,
+    bytes_for_blob: Vec<u8>,
+    format: String,
+    member: Option<String>,
+    parsed: Parsed,
+}
+
+fn parse_unit(
+    origin: &str,
+    file_name: &str,
+    raw: &[u8],
+    forced: Option<Format>,
+    skip_invalid: bool,
+    path: &Path,
+) -> Result<(String, Parsed), DataError> {
+    let lower = file_name.to_ascii_lowercase();
+    let (inner_name, text, gz) = match lower.strip_suffix(".gz") {
+        Some(stem) => (stem.to_string(), gunzip(origin, raw)?, true),
+        None => (lower.clone(), raw.to_vec(), false),
     };
-    // Parsing succeeded: now keep the file and write every record in one batch.
-    let (blob, size) = store.put_blob_file(&plan.path)?;
+    let format = match forced.or_else(|| detect(&inner_name, &text)) {
+        Some(f) => f,
+        None => {
+            return Err(DataError::UnknownFormat {
+                path: path.to_path_buf(),
+            })
+        }
+    };
+    let parsed = match format {
+        Format::ChatJsonl => {
+            let (rows, skipped) = chat::parse_chat_jsonl_with(origin, &text, skip_invalid)?;
+            Parsed::Chat(rows, skipped)
+        }
+        Format::QaJson => Parsed::Chat(qa::parse_qa_json(origin, &text)?, Vec::new()),
+        Format::QuestionsYaml => Parsed::Questions(questions::parse_question_yaml(origin, &text)?),
+        Format::QuestionsJson => Parsed::Questions(questions::parse_question_json(origin, &text)?),
+        Format::QuestionsText => Parsed::Questions(questions::parse_question_list(origin, &text)?),
+    };
     let fmt = if gz {
         format!("{}+gzip", format.name())
     } else {
         format.name().to_string()
     };
-    let source = Record::new(SOURCE)
-        .with("name", Value::str(file_name(&plan.path)))
-        .with("blake3", Value::Blob(blob))
-        .with("size", Value::Int(size as i64))
-        .with("format", Value::str(&fmt));
+    Ok((fmt, parsed))
+}
+
+/// The file name of an archive member without its data extensions.
+fn member_stem(member: &str) -> String {
+    let base = member.rsplit('/').next().unwrap_or(member);
+    let mut stem = base;
+    for ext in [".gz", ".jsonl", ".json", ".yaml", ".yml", ".txt"] {
+        if let Some(s) = stem.strip_suffix(ext) {
+            stem = s;
+        }
+    }
+    stem.to_string()
+}
+
+/// Import a file as a named dataset (or question set); a zip gives one per member.
+/// All-or-nothing: every row of every member parses before anything is written.
+pub fn import(store: &Store, plan: &ImportPlan) -> Result<Vec<ImportReport>, DataError> {
+    check_name(&plan.name)?;
+    let raw = read_file(&plan.path)?;
+    let fname = file_name(&plan.path);
+    let origin = plan.path.display().to_string();
+    let is_zip = fname.to_ascii_lowercase().ends_with(".zip");
+    let mut units = Vec::new();
+    if is_zip {
+        let members = archive::zip_members(&plan.path, &raw, plan.password.as_deref())?;
+        let chosen: Vec<_> = match &plan.member {
+            Some(m) => {
+                let found: Vec<_> = members.into_iter().filter(|x| &x.name == m).collect();
+                if found.is_empty() {
+                    return Err(DataError::Parse(ParseError {
+                        origin: origin.clone(),
+                        line: 0,
+                        msg: format!("no member `{m}` in the archive"),
+                    }));
+                }
+                found
+            }
+            None => members,
+        };
+        let single = plan.member.is_some();
+        for m in chosen {
+            let morigin = format!("{origin}!{}", m.name);
+            let (format, parsed) = parse_unit(
+                &morigin,
+                &m.name,
+                &m.bytes,
+                plan.format,
+                plan.skip_invalid,
+                &plan.path,
+            )?;
+            let name = if single {
+                plan.name.clone()
+            } else {
+                format!("{}/{}", plan.name, member_stem(&m.name))
+            };
+            check_name(&name)?;
+            let file_name = m.name.rsplit('/').next().unwrap_or(&m.name).to_string();
+            units.push(Unit {
+                name,
+                file_name,
+                bytes_for_blob: m.bytes,
+                format,
+                member: Some(m.name),
+                parsed,
+            });
+        }
+    } else {
+        let (format, parsed) = parse_unit(
+            &origin,
+            &fname,
+            &raw,
+            plan.format,
+            plan.skip_invalid,
+            &plan.path,
+        )?;
+        units.push(Unit {
+            name: plan.name.clone(),
+            file_name: fname.clone(),
+            bytes_for_blob: Vec::new(),
+            format,
+            member: None,
+            parsed,
+        });
+    }
+
+    // Everything parsed: keep the file(s), then write all records in one batch.
+    let (file_blob, file_size) = store.put_blob_file(&plan.path)?;
     let mut batch = Batch::new();
-    let source_id = store.stage(&mut batch, &source)?;
-    let conv_ids = stage_chat_rows(store, &mut batch, &rows)?;
-    let first = rows.first().map(|r| r.line).unwrap_or(0);
-    let last = rows.last().map(|r| r.line).unwrap_or(0);
-    let op = json!({"op": "import", "format": fmt, "lines": [first, last], "rows": rows.len()});
-    let dataset = Record::new(DATASET)
-        .with("kind", Value::str("chat"))
-        .with("rows", Value::ids(conv_ids.iter().copied()))
-        .with("op", Value::json(&op))
-        .with("sources", Value::ids([source_id]))
-        .with("parents", Value::ids([]));
-    let dataset_id = store.stage(&mut batch, &dataset)?;
-    batch.alias(NS_DATASET, &plan.name, dataset_id);
+    let mut container = None;
+    if is_zip {
+        let zip_src = Record::new(SOURCE)
+            .with("name", Value::str(&fname))
+            .with("blake3", Value::Blob(file_blob))
+            .with("size", Value::Int(file_size as i64))
+            .with("format", Value::str("zip"));
+        container = Some(store.stage(&mut batch, &zip_src)?);
+    }
+    let mut pending = Vec::new();
+    for u in units {
+        let (blob, size) = if u.member.is_some() {
+            (
+                store.put_blob(&u.bytes_for_blob)?,
+                u.bytes_for_blob.len() as u64,
+            )
+        } else {
+            (file_blob, file_size)
+        };
+        let mut src = Record::new(SOURCE)
+            .with("name", Value::str(&u.file_name))
+            .with("blake3", Value::Blob(blob))
+            .with("size", Value::Int(size as i64))
+            .with("format", Value::str(&u.format));
+        if let (Some(m), Some(c)) = (&u.member, container) {
+            src = src
+                .with("member", Value::str(m))
+                .with("container", Value::Id(c));
+        }
+        let source_id = store.stage(&mut batch, &src)?;
+        let (kind, id, rows, skipped) = match &u.parsed {
+            Parsed::Chat(rows, skipped) => {
+                let conv_ids = stage_chat_rows(store, &mut batch, rows)?;
+                let first = rows.first().map_or(0, |r| r.line);
+                let last = rows.last().map_or(0, |r| r.line);
+                let skipped_lines: Vec<usize> = skipped.iter().map(|e| e.line).collect();
+                let op = json!({"op": "import", "format": u.format, "lines": [first, last],
+                    "rows": rows.len(), "skipped_lines": skipped_lines});
+                let ds = Record::new(DATASET)
+                    .with("kind", Value::str("chat"))
+                    .with("rows", Value::ids(conv_ids))
+                    .with("op", Value::json(&op))
+                    .with("sources", Value::ids([source_id]))
+                    .with("parents", Value::ids([]));
+                (
+                    "chat",
+                    store.stage(&mut batch, &ds)?,
+                    rows.len(),
+                    skipped.len(),
+                )
+            }
+            Parsed::Questions(qs) => {
+                let mut ids = Vec::with_capacity(qs.len());
+                for q in qs {
+                    ids.push(store.stage(&mut batch, &question_record(q))?);
+                }
+                let op = json!({"op": "import", "format": u.format, "questions": qs.len()});
+                let set = Record::new(QUESTION_SET)
+                    .with("questions", Value::ids(ids))
+                    .with("sources", Value::ids([source_id]))
+                    .with("op", Value::json(&op));
+                ("questions", store.stage(&mut batch, &set)?, qs.len(), 0)
+            }
+        };
+        batch.alias(NS_DATASET, &u.name, id);
+        pending.push((u.name, id, source_id, blob, kind, rows, skipped));
+    }
     let w = store.write(batch)?;
-    Ok(ImportReport {
-        name: plan.name.clone(),
-        dataset: dataset_id.to_hex(),
-        source: source_id.to_hex(),
-        source_blake3: blob.to_hex(),
-        kind: "chat",
-        rows: rows.len(),
-        new_records: w.new,
-        existing_records: w.existing,
-    })
+    Ok(pending
+        .into_iter()
+        .map(
+            |(name, id, source, blob, kind, rows, skipped)| ImportReport {
+                name,
+                dataset: id.to_hex(),
+                source: source.to_hex(),
+                source_blake3: blob.to_hex(),
+                kind,
+                rows,
+                skipped,
+                new_records: w.new,
+                existing_records: w.existing,
+            },
+        )
+        .collect())
+}
+
+/// The `question` record of a parsed question.
+pub fn question_record(q: &QuestionRow) -> Record {
+    let mut r = Record::new(QUESTION).with("qid", Value::str(&q.qid)).with(
+        "paraphrases",
+        Value::List(q.paraphrases.iter().map(Value::str).collect()),
+    );
+    if let Some(s) = &q.system {
+        r = r.with("system", Value::str(s));
+    }
+    if let Some(t) = &q.qtype {
+        r = r.with("qtype", Value::str(t));
+    }
+    if let Some(n) = q.samples_per_paraphrase {
+        r = r.with("samples_per_paraphrase", Value::Int(n));
+    }
+    if let Some(j) = &q.judge_prompts {
+        r = r.with("judge_prompts", Value::json(j));
+    }
+    if let Some(e) = &q.extra {
+        r = r.with("extra", Value::json(e));
+    }
+    r
 }
 
 /// Stage the message and conversation records of chat rows; returns conversation ids in order.
@@ -219,7 +471,7 @@ pub fn resolve_dataset(store: &Store, name_or_id: &str) -> Result<Id, DataError>
         return Ok(id);
     }
     match store.resolve_prefix(name_or_id) {
-        Ok(id) if store.get(id)?.table == DATASET => Ok(id),
+        Ok(id) if matches!(store.get(id)?.table.as_str(), DATASET | QUESTION_SET) => Ok(id),
         Ok(_) | Err(emlab_store::Error::NotFound(_)) | Err(emlab_store::Error::BadId(_)) => {
             Err(DataError::UnknownDataset(name_or_id.to_string()))
         }
