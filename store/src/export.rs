@@ -99,9 +99,53 @@ pub fn export(store: &Store, out: &Path) -> Result<ExportReport> {
             state.insert(def.name.to_string(), *s);
         }
     }
+    write_aliases(store, out)?;
+    report
+        .files
+        .push(out.join("alias/data.parquet").display().to_string());
     let body = serde_json::json!({"format": 1, "tables": state});
     write_atomic(&state_path, format!("{body:#}\n").as_bytes())?;
     Ok(report)
+}
+
+/// Names are mutable, so they are not records: each export writes a fresh snapshot of all of
+/// them to `<out>/alias/data.parquet` (namespace, name, id), replacing the previous one.
+fn write_aliases(store: &Store, out: &Path) -> Result<()> {
+    let err = |m: String| Error::Export {
+        table: "alias".into(),
+        message: m,
+    };
+    let dir = out.join("alias");
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let (mut ns, mut name, mut id) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    for (n, a, i) in store.all_aliases()? {
+        ns.append_value(n);
+        name.append_value(a);
+        id.append_value(i.to_hex());
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("namespace", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("id", DataType::Utf8, false),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(ns.finish()),
+        Arc::new(name.finish()),
+        Arc::new(id.finish()),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| err(e.to_string()))?;
+    let tmp = dir.join(".data.parquet.tmp");
+    let file = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = ArrowWriter::try_new(file, schema, None).map_err(|e| err(e.to_string()))?;
+    w.write(&batch).map_err(|e| err(e.to_string()))?;
+    let file = w.into_inner().map_err(|e| err(e.to_string()))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    let dest = dir.join("data.parquet");
+    fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))
 }
 
 fn write_parquet(store: &Store, def: &TableDef, ids: &[(u64, Id)], path: &Path) -> Result<()> {

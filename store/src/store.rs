@@ -323,6 +323,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Every alias: (namespace, name, id), sorted.
+    pub fn all_aliases(&self) -> Result<Vec<(String, String, Id)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(ALIASES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (ns, name) = k.value();
+            out.push((ns.to_string(), name.to_string(), Id(*v.value())));
+        }
+        Ok(out)
+    }
+
     /// Set one alias on its own.
     pub fn set_alias(&self, namespace: &str, name: &str, id: Id) -> Result<()> {
         let mut b = Batch::new();

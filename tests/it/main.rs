@@ -4,5 +4,6 @@
 mod util;
 
 mod crash;
+mod datasets;
 mod schema;
 mod store_cli;
