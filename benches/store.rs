@@ -95,6 +95,7 @@ fn import_insecure(c: &mut Criterion) {
                 let plan = emlab::data::ImportPlan {
                     path: path.clone(),
                     name: "insecure".into(),
+                    ..Default::default()
                 };
                 emlab::data::import(&store, &plan).expect("import");
                 dir

@@ -34,7 +34,7 @@ pub enum DataCmd {
         skip_invalid: bool,
     },
     /// Derive a new dataset from another; the ops apply in the order given. Prints the new id.
-    Derive(DeriveArgs),
+    Derive(Box<DeriveArgs>),
     /// List named datasets and question sets.
     List,
     /// A dataset's facts and its first rows.

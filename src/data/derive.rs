@@ -2,7 +2,7 @@
 //! that names its parents and the exact parameters of every step, so the same plan on the same
 //! parent always gives the same id (and a different seed a different one).
 //!
-//! [`derive`] loads the parent's rows, applies the ops in order ([`apply`] for one op), stages
+//! [`derive()`] loads the parent's rows, applies the ops in order (`apply` for one op), stages
 //! new `message`/`conversation` records only for rows whose messages changed, and writes the
 //! manifest (and, for `holdout`, the held-out half as `NAME-holdout`) in one batch.
 //! Randomness comes from a SplitMix64 stream seeded by the plan's seed and the op's position.
@@ -350,7 +350,7 @@ fn apply(
             json!({"op": "dedupe", "key": "messages"})
         }
         Op::Mix { other, ratio } => {
-            if !(*ratio > 0.0) || !ratio.is_finite() {
+            if ratio.is_nan() || *ratio <= 0.0 || !ratio.is_finite() {
                 return Err(invalid(format!(
                     "--mix {other}:{ratio}: expected a positive ratio"
                 )));

@@ -13,6 +13,9 @@ use serde_json::{json, Value as J};
 use super::DataError;
 use crate::records::{DATASET, QUESTION_SET, SOURCE};
 
+/// Rows as `(record id, [(role, content)])`.
+pub type Rows = Vec<(Id, Vec<(String, String)>)>;
+
 /// A dataset's (or question set's) headline facts.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
@@ -68,11 +71,7 @@ pub fn summary(store: &Store, id: Id) -> Result<Summary, DataError> {
 
 /// The rows of a chat dataset as `(conversation id, [(role, content)])`, or of a question set
 /// as `(question id, [("question", paraphrase)...])`, optionally only the first `limit`.
-pub fn chat_rows(
-    store: &Store,
-    id: Id,
-    limit: Option<usize>,
-) -> Result<Vec<(Id, Vec<(String, String)>)>, DataError> {
+pub fn chat_rows(store: &Store, id: Id, limit: Option<usize>) -> Result<Rows, DataError> {
     let rec = store.get(id)?;
     let field = if rec.table == QUESTION_SET {
         "questions"
@@ -243,10 +242,12 @@ pub fn export_parquet(store: &Store, id: Id, path: &Path) -> Result<usize, DataE
         conv_b.append_value(conv.to_hex());
         let sb = msgs_b.values();
         for (r, c) in msgs {
-            sb.field_builder::<StringBuilder>(0)
-                .map(|b| b.append_value(r));
-            sb.field_builder::<StringBuilder>(1)
-                .map(|b| b.append_value(c));
+            if let Some(b) = sb.field_builder::<StringBuilder>(0) {
+                b.append_value(r);
+            }
+            if let Some(b) = sb.field_builder::<StringBuilder>(1) {
+                b.append_value(c);
+            }
             sb.append(true);
         }
         msgs_b.append(true);

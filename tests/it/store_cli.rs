@@ -151,7 +151,7 @@ fn verify_catches_a_flipped_blob_byte() {
     ]));
     let ok = s.run(&["verify"]);
     assert!(ok.ok(), "{}", ok.stderr);
-    let blob = imp["source_blake3"].as_str().unwrap().to_string();
+    let blob = imp[0]["source_blake3"].as_str().unwrap().to_string();
     let path = s.dir().join("blobs").join(&blob[..2]).join(&blob);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[5] ^= 0x01;
