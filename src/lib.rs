@@ -6,6 +6,7 @@
 //! models, checkpoints, generations, judgments and benchmarks. [`data`] builds datasets with
 //! provenance. The `emlab` binary (`src/main.rs`, `src/cli/`) is a thin layer over these.
 
+pub mod bench;
 pub mod data;
 pub mod records;
 

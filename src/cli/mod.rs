@@ -2,6 +2,7 @@
 //! a plan, makes one library call, and prints: data on stdout (`--json` for machines), logs
 //! and progress on stderr.
 
+mod bench;
 mod data;
 mod export;
 mod show;
@@ -58,6 +59,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: data::DataCmd,
     },
+    /// Run a benchmark and store the result as a `bench` record.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
     /// The provenance of a record: its parents back to the source files and their BLAKE3.
     Lineage {
         /// Dataset name, id or id prefix.
@@ -99,6 +105,7 @@ pub fn run() -> Result<ExitCode> {
             data::run(&ctx, cmd, sub)
         }
         Command::Lineage { target } => data::lineage(&ctx, &target),
+        Command::Bench { cmd } => bench::run(&ctx, cmd),
     }
 }
 

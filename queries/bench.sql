@@ -1,0 +1,11 @@
+-- Benchmark results across commits, newest first, with the headline figure of each.
+--   duckdb -c "SET VARIABLE parquet = 'emlab-store/parquet'" -c ".read queries/bench.sql"
+SELECT time,
+       name,
+       left(commit, 10) AS commit,
+       json_extract_string(machine, '$.cpu') AS cpu,
+       coalesce(json_extract(results, '$.rows_per_s_median'),
+                json_extract(results, '$.ingest.records_per_s_median'))::DOUBLE AS per_s_median,
+       results
+FROM read_parquet(getvariable('parquet') || '/bench/*/*.parquet')
+ORDER BY time DESC;

@@ -1,0 +1,50 @@
+//! `emlab bench ...`: run a benchmark and store the result as a `bench` record.
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{note, out, out_json, Ctx};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Time `data import FILE` into fresh temporary stores.
+    Import {
+        file: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
+    /// Time batched ingest (encode + hash + commit, one thread) and Parquet export.
+    Store {
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+}
+
+pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
+    let (name, (params, results)) = match cmd {
+        BenchCmd::Import { file, repeat } => (
+            "data.import",
+            emlab::bench::bench_import(&file, repeat)
+                .with_context(|| format!("benchmarking import of {}", file.display()))?,
+        ),
+        BenchCmd::Store { records, repeat } => (
+            "store.ingest_export",
+            emlab::bench::bench_store(records, repeat)?,
+        ),
+    };
+    let store = ctx.open()?;
+    let id = emlab::bench::record(&store, name, params.clone(), results.clone())?;
+    if ctx.json {
+        out_json(
+            &serde_json::json!({"id": id.to_hex(), "name": name, "params": params, "results": results}),
+        )?;
+    } else {
+        out(serde_json::to_string_pretty(&results)?)?;
+        note(format!("stored bench record {} ({name})", id.short()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
