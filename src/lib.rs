@@ -8,7 +8,9 @@
 
 pub mod bench;
 pub mod data;
+pub mod model;
 pub mod records;
+pub mod rng;
 
 use std::path::Path;
 

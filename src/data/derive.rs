@@ -16,6 +16,7 @@ use serde_json::{json, Value as J};
 use super::chat::ChatRow;
 use super::{check_name, resolve_dataset, stage_chat_rows, DataError};
 use crate::records::{DATASET, NS_DATASET};
+use crate::rng::Rng;
 
 /// One derive step, as given on the command line.
 #[derive(Debug, Clone)]
@@ -63,51 +64,6 @@ struct Row {
     conv: Option<Id>,
     messages: Vec<(String, String)>,
     extra: Option<J>,
-}
-
-/// SplitMix64: small, seedable, and stable across platforms and versions (unlike `rand`'s
-/// default generators), which is what reproducible dataset ids need.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64, step: usize) -> Rng {
-        Rng(seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n (n > 0), by rejection so there is no modulo bias.
-    fn below(&mut self, n: usize) -> usize {
-        let n = n as u64;
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next();
-            if x < zone {
-                return (x % n) as usize;
-            }
-        }
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-    /// `k` distinct indices of `0..n`, in increasing order.
-    fn choose(&mut self, n: usize, k: usize) -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..n).collect();
-        for i in 0..k {
-            let j = i + self.below(n - i);
-            idx.swap(i, j);
-        }
-        let mut out = idx[..k].to_vec();
-        out.sort_unstable();
-        out
-    }
 }
 
 /// A parsed `--filter` expression.
@@ -522,26 +478,6 @@ fn stage_rows(store: &Store, batch: &mut Batch, rows: &[Row]) -> Result<Vec<Id>,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rng_is_pinned() {
-        // A change here changes every sampled dataset id: don't.
-        let mut r = Rng::new(1, 0);
-        let v: Vec<u64> = (0..3).map(|_| r.next() % 1000).collect();
-        let mut again = Rng::new(1, 0);
-        assert_eq!(v, (0..3).map(|_| again.next() % 1000).collect::<Vec<_>>());
-        assert_ne!(Rng::new(2, 0).next(), Rng::new(1, 0).next());
-        assert_ne!(Rng::new(1, 1).next(), Rng::new(1, 0).next());
-    }
-
-    #[test]
-    fn choose_gives_distinct_sorted_indices() {
-        let mut r = Rng::new(7, 0);
-        let c = r.choose(100, 30);
-        assert_eq!(c.len(), 30);
-        assert!(c.windows(2).all(|w| w[0] < w[1]));
-        assert!(c.iter().all(|i| *i < 100));
-    }
 
     fn row(msgs: &[(&str, &str)]) -> Row {
         Row {

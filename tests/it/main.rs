@@ -5,5 +5,6 @@ mod util;
 
 mod crash;
 mod datasets;
+mod model;
 mod schema;
 mod store_cli;

@@ -1,0 +1,389 @@
+//! The transformer emlab owns: Llama (Llama-3.x, SmolLM2) and Qwen2 (attention biases, tied
+//! embeddings) decoder-only models, with a preallocated KV cache and a padding-aware mask.
+//!
+//! [`Config`] holds the hyper-parameters, [`Weights`] the tensors (quantized GGUF matrices as
+//! [`QMatMul`], or dense safetensors), and [`Model::forward`] runs a batch of token rows at
+//! given cache positions. Why not candle-transformers: its llama grows the KV cache by
+//! concatenation every step and has no padding mask, and training (the LoRA issue) needs
+//! model code we control.
+//!
+//! Batches are left-padded: row `b` has `pad[b]` padding slots before its first real token.
+//! Padding slots are masked out of attention and do not advance RoPE positions, so a padded
+//! row computes the same logits as the row alone (up to float rounding).
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+pub type Result<T> = candle_core::Result<T>;
+
+/// Model families with their weight-layout differences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+/// How query/key pairs are laid out for rotary embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RopeLayout {
+    /// Pairs are (x[i], x[i + d/2]): HF checkpoints, and GGUF Qwen2.
+    Half,
+    /// Pairs are (x[2i], x[2i+1]): GGUF Llama (llama.cpp permutes q/k on conversion).
+    Interleaved,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    pub arch: Arch,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f64,
+    pub max_seq: usize,
+    pub tie_embeddings: bool,
+    pub rope: RopeLayout,
+}
+
+/// A projection: quantized (GGUF) or dense, with an optional bias (Qwen2 q/k/v).
+pub enum Linear {
+    Quant(QMatMul, Option<Tensor>),
+    Dense(Tensor, Option<Tensor>),
+}
+
+impl Linear {
+    /// The dense (dequantized) form of this projection, in `dtype`.
+    pub fn to_dense(&self, dtype: DType) -> Result<Linear> {
+        Ok(match self {
+            Linear::Quant(q, b) => {
+                let w = match q {
+                    QMatMul::QTensor(t) => t.dequantize(&t.device())?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+                };
+                Linear::Dense(w.to_dtype(dtype)?, b.clone())
+            }
+            Linear::Dense(w, b) => Linear::Dense(w.to_dtype(dtype)?, b.clone()),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, bias) = match self {
+            Linear::Quant(q, b) => (q.forward(x)?, b),
+            Linear::Dense(w, b) => (x.broadcast_matmul(&w.t()?)?, b),
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ffn_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// Token embeddings: quantized rows are dequantized on lookup.
+pub enum Embedding {
+    Quant(std::sync::Arc<candle_core::quantized::QTensor>),
+    Dense(Tensor),
+}
+
+pub struct Weights {
+    pub embed: Embedding,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+}
+
+/// Per-layer key/value buffers of shape `[batch, kv_heads, capacity, head_dim]`, written in
+/// place; `len` slots are filled (the same for every row: rows are left-padded).
+pub struct Cache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub len: usize,
+    pub capacity: usize,
+    /// Padding slots at the start of each row.
+    pub pad: Vec<usize>,
+}
+
+impl Cache {
+    pub fn new(
+        cfg: &Config,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Cache> {
+        let shape = (batch, cfg.kv_heads, capacity, cfg.head_dim);
+        let mut k = Vec::with_capacity(cfg.layers);
+        let mut v = Vec::with_capacity(cfg.layers);
+        for _ in 0..cfg.layers {
+            k.push(Tensor::zeros(shape, dtype, dev)?);
+            v.push(Tensor::zeros(shape, dtype, dev)?);
+        }
+        Ok(Cache {
+            k,
+            v,
+            len: 0,
+            capacity,
+            pad: vec![0; batch],
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// A cache of `n` rows, each a copy of row 0 of this one: one prefill serves `n` samples.
+    pub fn fork(&self, n: usize) -> Result<Cache> {
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let row = t.narrow(0, 0, 1)?;
+            row.repeat((n, 1, 1, 1))?.contiguous()
+        };
+        Ok(Cache {
+            k: self.k.iter().map(rep).collect::<Result<_>>()?,
+            v: self.v.iter().map(rep).collect::<Result<_>>()?,
+            len: self.len,
+            capacity: self.capacity,
+            pad: vec![self.pad[0]; n],
+        })
+    }
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub w: Weights,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+    /// Activation dtype: f32 on the CPU, bf16 on CUDA.
+    pub dtype: DType,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    // Inference only: the fused kernel has no backward, which training must avoid.
+    candle_nn::ops::rms_norm(x, w, eps as f32)
+}
+
+impl Model {
+    pub fn new(cfg: Config, w: Weights, device: Device, dtype: DType) -> Result<Model> {
+        let half = cfg.head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), &device)?;
+        let pos = Tensor::arange(0u32, cfg.max_seq as u32, &device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_seq, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        let cos = freqs.cos()?.to_dtype(dtype)?;
+        let sin = freqs.sin()?.to_dtype(dtype)?;
+        Ok(Model {
+            cfg,
+            w,
+            cos,
+            sin,
+            device,
+            dtype,
+        })
+    }
+
+    /// Replace quantized projections with dense `dtype` ones: more memory, but batched
+    /// matmuls then run on the dense GEMM kernels, and gradients can flow (training).
+    pub fn dequantize(&mut self) -> Result<()> {
+        let dt = self.dtype;
+        for l in &mut self.w.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                *lin = lin.to_dense(dt)?;
+            }
+        }
+        self.w.lm_head = self.w.lm_head.to_dense(dt)?;
+        if let Embedding::Quant(q) = &self.w.embed {
+            self.w.embed = Embedding::Dense(q.dequantize(&self.device)?.to_dtype(dt)?);
+        }
+        Ok(())
+    }
+
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
+        Cache::new(
+            &self.cfg,
+            batch,
+            capacity.min(self.cfg.max_seq),
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.w.embed {
+            Embedding::Quant(q) => {
+                let flat = ids.flatten_all()?;
+                let rows = q.embedding(&flat)?;
+                let (b, t) = ids.dims2()?;
+                rows.reshape((b, t, self.cfg.hidden))?.to_dtype(self.dtype)
+            }
+            Embedding::Dense(e) => {
+                let (b, t) = ids.dims2()?;
+                e.embedding(&ids.flatten_all()?)?
+                    .reshape((b, t, self.cfg.hidden))?
+                    .to_dtype(self.dtype)
+            }
+        }
+    }
+
+    /// Run `tokens` (`[batch, t]`, written at cache slots `cache.len..cache.len+t`) and return
+    /// the logits of the last position of each row, `[batch, vocab]` in f32. With
+    /// `all_logits`, return `[batch, t, vocab]`.
+    pub fn forward(&self, tokens: &Tensor, cache: &mut Cache, all_logits: bool) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let start = cache.len;
+        if start + t > cache.capacity {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the cache capacity {}",
+                start + t,
+                cache.capacity
+            );
+        }
+        let total = start + t;
+        // RoPE positions: slot index minus the row's padding (padding slots reuse position 0).
+        let mut pos = Vec::with_capacity(b * t);
+        for &p in &cache.pad {
+            for s in start..total {
+                pos.push(s.saturating_sub(p) as u32);
+            }
+        }
+        let pos = Tensor::from_vec(pos, b * t, &self.device)?;
+        let half = self.cfg.head_dim / 2;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((b, t, half))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, half))?;
+        // Additive mask [b, 1, t, total]: causal, and padding slots hidden.
+        let mut mask = Vec::with_capacity(b * t * total);
+        for &p in &cache.pad {
+            for i in 0..t {
+                let qpos = start + i;
+                for j in 0..total {
+                    // A padding query sees only itself: a row with every key masked would
+                    // turn into NaN, and NaN values in the cache poison the real rows too.
+                    let visible = (j <= qpos && j >= p) || (qpos < p && j == qpos);
+                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
+
+        let mut x = self.embed(tokens)?;
+        for (li, layer) in self.w.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps)?;
+            let a = self.attention(li, layer, &h, &cos, &sin, &mask, cache, start)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps)?;
+            let g = layer.gate.forward(&h)?;
+            let u = layer.up.forward(&h)?;
+            let m = layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+            x = (x + m)?;
+        }
+        cache.len = total;
+        let x = rms_norm(&x, &self.w.norm, self.cfg.rms_eps)?;
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?.contiguous()?
+        };
+        let logits = self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if all_logits {
+            Ok(logits)
+        } else {
+            logits.squeeze(1)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut Cache,
+        start: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let q = layer
+            .q
+            .forward(h)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = layer
+            .k
+            .forward(h)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = layer
+            .v
+            .forward(h)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = match self.cfg.rope {
+            RopeLayout::Half => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+            RopeLayout::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+        };
+        cache.k[li].slice_set(&k, 2, start)?;
+        cache.v[li].slice_set(&v, 2, start)?;
+        let total = start + t;
+        let kc = cache.k[li].narrow(2, 0, total)?;
+        let vc = cache.v[li].narrow(2, 0, total)?;
+        // Grouped-query attention without copying K/V per head: fold the `rep` query heads that
+        // share a KV head into the query length.
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&kc.t()?)? * scale)?;
+        let scores = scores.reshape((b, nkv, rep, t, total))?;
+        let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = probs.reshape((b, nkv, rep * t, total))?;
+        let out = probs.matmul(&vc.contiguous()?)?;
+        let out = out
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        layer.o.forward(&out)
+    }
+}
+
+/// Log-softmax of a logits row, for log-probabilities.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::log_softmax(logits, D::Minus1)
+}
