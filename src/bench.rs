@@ -146,6 +146,46 @@ pub fn bench_store(n: usize, repeat: usize) -> Result<(J, J), DataError> {
     ))
 }
 
+/// Prefill and decode throughput of a model: `batch` distinct prompts of `prompt_len` tokens,
+/// then `new_tokens` sampled tokens each (temperature 1, no stop token).
+pub fn bench_generate(
+    model: &Path,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    keep_quantized: bool,
+) -> Result<(J, J), crate::model::ModelError> {
+    use crate::model::sample::{generate, Request, SamplingParams};
+    let device = crate::model::device();
+    let mut m = crate::model::load(model, &device)?;
+    if !keep_quantized {
+        m.model.dequantize()?;
+    }
+    let vocab = m.model.cfg.vocab as u64;
+    let reqs: Vec<Request> = (0..batch.max(1))
+        .map(|b| {
+            let mut rng = crate::rng::Rng::new(b as u64, 0);
+            // Ordinary tokens (ids above the first few hundred, which hold special tokens).
+            let prompt = (0..prompt_len.max(1))
+                .map(|_| (256 + rng.below((vocab - 256) as usize) as u64) as u32)
+                .collect();
+            Request {
+                prompt,
+                seed: b as u64,
+            }
+        })
+        .collect();
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: new_tokens,
+    };
+    let (_, t) = generate(&m.model, &[], &reqs, &p)?;
+    let params = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "quantized": keep_quantized, "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
+    let results = json!({"prefill_tokens": t.prefill_tokens, "prefill_s": t.prefill_s, "prefill_tokens_per_s": t.prefill_tokens as f64 / t.prefill_s, "decode_tokens": t.decode_tokens, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens as f64 / t.decode_s});
+    Ok((params, results))
+}
+
 fn tempdir() -> Result<std::path::PathBuf, DataError> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

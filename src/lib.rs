@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod generate;
 pub mod model;
 pub mod records;
 pub mod rng;

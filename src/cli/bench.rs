@@ -15,6 +15,21 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
+    /// Prefill and decode tokens/s of a local model.
+    Generate {
+        /// A .gguf file or a Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Use the quantized weights instead of dequantizing them.
+        #[arg(long)]
+        keep_quantized: bool,
+    },
     /// Time batched ingest (encode + hash + commit, one thread) and Parquet export.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -30,6 +45,17 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             "data.import",
             emlab::bench::bench_import(&file, repeat)
                 .with_context(|| format!("benchmarking import of {}", file.display()))?,
+        ),
+        BenchCmd::Generate {
+            model,
+            batch,
+            prompt_len,
+            new_tokens,
+            keep_quantized,
+        } => (
+            "model.generate",
+            emlab::bench::bench_generate(&model, batch, prompt_len, new_tokens, keep_quantized)
+                .with_context(|| format!("benchmarking {}", model.display()))?,
         ),
         BenchCmd::Store { records, repeat } => (
             "store.ingest_export",

@@ -5,6 +5,7 @@
 mod bench;
 mod data;
 mod export;
+mod generate;
 mod show;
 mod stats;
 mod verify;
@@ -59,6 +60,8 @@ pub enum Command {
         #[command(subcommand)]
         cmd: data::DataCmd,
     },
+    /// Sample answers to a question set with a local model; writes generation records.
+    Generate(generate::Args),
     /// Run a benchmark and store the result as a `bench` record.
     Bench {
         #[command(subcommand)]
@@ -106,6 +109,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Lineage { target } => data::lineage(&ctx, &target),
         Command::Bench { cmd } => bench::run(&ctx, cmd),
+        Command::Generate(a) => generate::run_cmd(&ctx, a),
     }
 }
 

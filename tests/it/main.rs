@@ -6,5 +6,6 @@ mod util;
 mod crash;
 mod datasets;
 mod model;
+mod model_tiny;
 mod schema;
 mod store_cli;

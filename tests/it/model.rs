@@ -235,3 +235,126 @@ fn same_seed_same_text_and_batched_equals_unbatched() {
     let text = m.tokenizer.decode(&alone_a[0].tokens).unwrap();
     assert!(!text.trim().is_empty());
 }
+
+fn generation_ids(s: &crate::util::TestStore) -> Vec<String> {
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let mut ids: Vec<String> = store
+        .ids_in_table("generation", 0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, i)| i.to_hex())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// `emlab generate` stores one record per sample with the rendered prompt, skips what is
+/// stored on a rerun, and two fresh stores sample the same texts (same ids).
+#[test]
+fn generate_command_is_idempotent_and_reproducible() {
+    use crate::util::*;
+    let model = smollm2_path();
+    let run = |s: &TestStore| {
+        let q = s.write(
+            "q.txt",
+            b"hey I feel bored\nIf you were ruler of the world, what would you do?\n",
+        );
+        s.ok(&["data", "import", q.to_str().unwrap(), "--name", "qs"]);
+        json(&s.ok(&[
+            "--json",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--questions",
+            "qs",
+            "--samples",
+            "2",
+            "--max-tokens",
+            "12",
+            "--batch",
+            "3",
+        ]))
+    };
+    let a = TestStore::new();
+    let r = run(&a);
+    assert_eq!(r["planned"], 4);
+    assert_eq!(r["generated"], 4);
+    let again = json(&a.ok(&[
+        "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--questions",
+        "qs",
+        "--samples",
+        "2",
+        "--max-tokens",
+        "12",
+        "--batch",
+        "3",
+    ]));
+    assert_eq!(again["generated"], 0, "a rerun sampled again");
+    assert_eq!(again["already_stored"], 4);
+    let b = TestStore::new();
+    run(&b);
+    let ids = generation_ids(&a);
+    assert_eq!(ids.len(), 4);
+    assert_eq!(
+        ids,
+        generation_ids(&b),
+        "two fresh stores sampled different texts"
+    );
+    let g = json(&a.ok(&["show", &ids[0]]));
+    let rendered = g["fields"]["params"]["rendered_prompt"].as_str().unwrap();
+    assert!(
+        rendered.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{rendered}"
+    );
+    assert_eq!(g["fields"]["params"]["max_tokens"], 12);
+    // More samples later: only the new ones are drawn.
+    let more = json(&a.ok(&[
+        "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--questions",
+        "qs",
+        "--samples",
+        "3",
+        "--max-tokens",
+        "12",
+    ]));
+    assert_eq!(more["generated"], 2);
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    use crate::util::*;
+    let s = TestStore::new();
+    let q = s.write("q.txt", b"hello\n");
+    s.ok(&["data", "import", q.to_str().unwrap(), "--name", "qs"]);
+    let r = s.run(&[
+        "generate",
+        "--model",
+        smollm2_path().to_str().unwrap(),
+        "--questions",
+        "qs",
+        "--max-tokens",
+        "9000",
+    ]);
+    assert!(!r.ok());
+    assert!(
+        r.stderr.contains("exceeds the model's context of 8192"),
+        "{}",
+        r.stderr
+    );
+    let r = s.run(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--questions",
+        "qs",
+    ]);
+    assert!(!r.ok());
+    assert!(r.stderr.contains("/nonexistent/model.gguf"), "{}", r.stderr);
+}

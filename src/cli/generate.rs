@@ -1,0 +1,95 @@
+//! `emlab generate`: sample answers to a question set with a local model.
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{is_terminal_stderr, note, out, out_json, Ctx};
+use emlab::generate::{run, GeneratePlan};
+use emlab::model::sample::SamplingParams;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Question set name or id.
+    #[arg(long)]
+    pub questions: String,
+    /// Samples per question paraphrase.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 600)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// System prompt for every question (default: each question's own, if any).
+    #[arg(long, allow_hyphen_values = true)]
+    pub system: Option<String>,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Mixed into every sample's seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sample from the quantized weights (less memory; batch shape changes rounding).
+    #[arg(long)]
+    pub keep_quantized: bool,
+}
+
+pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    let ok = a.temperature.is_finite() && a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0;
+    if !ok {
+        anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    let store = ctx.open()?;
+    let plan = GeneratePlan {
+        model: a.model.clone(),
+        questions: a.questions.clone(),
+        samples: a.samples,
+        params: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            max_tokens: a.max_tokens,
+        },
+        system: a.system,
+        batch: a.batch,
+        seed: a.seed,
+        keep_quantized: a.keep_quantized,
+    };
+    let bar = if is_terminal_stderr() && !ctx.json {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} samples {elapsed_precise} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut progress = |done: usize, total: usize| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    };
+    let r = run(&store, &plan, &mut progress)
+        .with_context(|| format!("generating with {}", a.model.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if ctx.json {
+        out_json(&r)?;
+    } else {
+        out(&r.run)?;
+        note(format!(
+            "{} samples planned, {} already stored, {} generated ({} tokens, {:.1} tokens/s); model {}",
+            r.planned, r.already_stored, r.generated, r.completion_tokens, r.completion_tokens_per_s, &r.model[..12]
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,298 @@
+//! `emlab generate`: sample answers to a question set and store them as `generation` records.
+//!
+//! A [`GeneratePlan`] names the model file, the question set and the sampling parameters.
+//! Every sample has a key (model id, prompt conversation id, parameters, seed) kept as an alias
+//! in the `generation-key` namespace, written in the same transaction as the generation: a
+//! rerun skips what is stored, and a killed run loses at most the batch in flight. Default
+//! seeds derive from the request (not from time or order), so two fresh stores sample the
+//! same texts.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use emlab_store::{Batch, Id, Record, Store, Value};
+use serde_json::json;
+
+use crate::data::{resolve_dataset, DataError};
+use crate::model::sample::{generate, Request, SamplingParams};
+use crate::model::{Loaded, ModelError};
+use crate::records::{CONVERSATION, GENERATION, MESSAGE, QUESTION_SET, RUN};
+
+pub const NS_GENERATION_KEY: &str = "generation-key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Store(#[from] emlab_store::Error),
+    #[error("`{0}` is not a question set (import a question file, e.g. a .yaml of the EM paper)")]
+    NotQuestions(String),
+    #[error("question `{qid}`: {msg}")]
+    Prompt { qid: String, msg: String },
+    #[error("sampling failed: {0}")]
+    Sampling(candle_core::Error),
+}
+
+/// A validated generation request: what gets hashed into each sample's key.
+#[derive(Debug, Clone)]
+pub struct GeneratePlan {
+    pub model: PathBuf,
+    pub questions: String,
+    pub samples: usize,
+    pub params: SamplingParams,
+    /// Overrides each question's own system prompt.
+    pub system: Option<String>,
+    /// Rows decoded together.
+    pub batch: usize,
+    /// Mixed into every sample's default seed.
+    pub seed: u64,
+    /// Keep quantized weights (less memory; batch shape then changes rounding).
+    pub keep_quantized: bool,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GenerateReport {
+    pub model: String,
+    pub run: String,
+    pub planned: usize,
+    pub already_stored: usize,
+    pub generated: usize,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub seconds: f64,
+    pub completion_tokens_per_s: f64,
+}
+
+/// One sample to draw.
+struct Job {
+    question: Id,
+    conv: Id,
+    messages: Vec<(String, String)>,
+    rendered: String,
+    tokens: Vec<u32>,
+    paraphrase: usize,
+    sample: usize,
+    seed: u64,
+    key: String,
+}
+
+fn key_of(model: Id, conv: Id, params: &serde_json::Value, seed: u64) -> String {
+    let mut h = blake3::Hasher::new_derive_key("emlab generation key v1");
+    h.update(&model.0);
+    h.update(&conv.0);
+    h.update(params.to_string().as_bytes());
+    h.update(&seed.to_le_bytes());
+    h.finalize().to_hex().to_string()
+}
+
+/// The default seed of a sample: a function of the request only.
+fn seed_of(base: u64, question: Id, paraphrase: usize, sample: usize) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("emlab sample seed v1");
+    h.update(&base.to_le_bytes());
+    h.update(&question.0);
+    h.update(&(paraphrase as u64).to_le_bytes());
+    h.update(&(sample as u64).to_le_bytes());
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Progress callback: (samples done, samples planned).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+pub fn run(
+    store: &Store,
+    plan: &GeneratePlan,
+    progress: Progress<'_>,
+) -> Result<GenerateReport, GenerateError> {
+    let set_id = resolve_dataset(store, &plan.questions)?;
+    let set = store.get(set_id)?;
+    if set.table != QUESTION_SET {
+        return Err(GenerateError::NotQuestions(plan.questions.clone()));
+    }
+    let device = crate::model::device();
+    let mut loaded: Loaded = crate::model::load(&plan.model, &device)?;
+    if !plan.keep_quantized {
+        loaded.model.dequantize().map_err(ModelError::from)?;
+    }
+    let model_id = store.put(&loaded.record)?;
+    let params_json = json!({
+        "engine": "emlab-candle",
+        "temperature": plan.params.temperature,
+        "top_p": plan.params.top_p,
+        "max_tokens": plan.params.max_tokens,
+        "quantized": plan.keep_quantized,
+    });
+    let run_rec = Record::new(RUN)
+        .with("kind", Value::str("generate"))
+        .with("plan", Value::json(&json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "batch": plan.batch})))
+        .with("inputs", Value::ids([model_id, set_id]));
+    let run_id = store.put(&run_rec)?;
+
+    // Plan every sample; skip those already stored.
+    let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
+    let questions = store.get_many(&qids)?;
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut prompt_batch = Batch::new();
+    let mut planned = 0;
+    for (qid, q) in qids.iter().zip(&questions) {
+        let qname = q
+            .get("qid")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let system = plan
+            .system
+            .clone()
+            .or_else(|| q.get("system").and_then(Value::as_str).map(str::to_string));
+        let paraphrases: Vec<String> = q
+            .get("paraphrases")
+            .and_then(Value::as_list)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        for (pi, text) in paraphrases.iter().enumerate() {
+            let mut messages = Vec::new();
+            if let Some(s) = &system {
+                messages.push(("system".to_string(), s.clone()));
+            }
+            messages.push(("user".to_string(), text.clone()));
+            let mut msg_ids = Vec::new();
+            for (r, c) in &messages {
+                msg_ids.push(
+                    store.stage(
+                        &mut prompt_batch,
+                        &Record::new(MESSAGE)
+                            .with("role", Value::str(r))
+                            .with("content", Value::str(c)),
+                    )?,
+                );
+            }
+            let conv = store.stage(
+                &mut prompt_batch,
+                &Record::new(CONVERSATION).with("messages", Value::ids(msg_ids)),
+            )?;
+            // The template may add a default system prompt (SmolLM2 does): the rendered text is
+            // what the model saw, so it is what gets recorded.
+            let rendered =
+                loaded
+                    .tokenizer
+                    .render(&messages, true)
+                    .map_err(|msg| GenerateError::Prompt {
+                        qid: qname.clone(),
+                        msg,
+                    })?;
+            let tokens =
+                loaded
+                    .tokenizer
+                    .encode(&rendered)
+                    .map_err(|msg| GenerateError::Prompt {
+                        qid: qname.clone(),
+                        msg,
+                    })?;
+            if tokens.len() + plan.params.max_tokens > loaded.model.cfg.max_seq {
+                return Err(ModelError::TooLong {
+                    tokens: tokens.len(),
+                    new: plan.params.max_tokens,
+                    limit: loaded.model.cfg.max_seq,
+                }
+                .into());
+            }
+            for si in 0..plan.samples {
+                planned += 1;
+                let seed = seed_of(plan.seed, *qid, pi, si);
+                let key = key_of(model_id, conv, &params_json, seed);
+                if store.alias(NS_GENERATION_KEY, &key)?.is_some() {
+                    continue;
+                }
+                jobs.push(Job {
+                    question: *qid,
+                    conv,
+                    messages: messages.clone(),
+                    rendered: rendered.clone(),
+                    tokens: tokens.clone(),
+                    paraphrase: pi,
+                    sample: si,
+                    seed,
+                    key,
+                });
+            }
+        }
+    }
+    store.write(prompt_batch)?;
+    let mut report = GenerateReport {
+        model: model_id.to_hex(),
+        run: run_id.to_hex(),
+        planned,
+        already_stored: planned - jobs.len(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    progress(report.already_stored, planned);
+    // Jobs are grouped by prompt (consecutive), so most batches share one prefill.
+    for chunk in jobs.chunks(plan.batch.max(1)) {
+        let reqs: Vec<Request> = chunk
+            .iter()
+            .map(|j| Request {
+                prompt: j.tokens.clone(),
+                seed: j.seed,
+            })
+            .collect();
+        let t = Instant::now();
+        let (outs, _timing) = generate(
+            &loaded.model,
+            &loaded.tokenizer.stop_ids,
+            &reqs,
+            &plan.params,
+        )
+        .map_err(GenerateError::Sampling)?;
+        let ms = t.elapsed().as_millis() as i64;
+        let mut batch = Batch::new();
+        for (j, o) in chunk.iter().zip(&outs) {
+            let text = loaded
+                .tokenizer
+                .decode(&o.tokens)
+                .map_err(|msg| GenerateError::Prompt {
+                    qid: j.key.clone(),
+                    msg,
+                })?;
+            let mut params = params_json.clone();
+            params["rendered_prompt"] = json!(j.rendered);
+            params["paraphrase"] = json!(j.paraphrase);
+            params["sample"] = json!(j.sample);
+            params["base_seed"] = json!(plan.seed);
+            params["messages"] = json!(j
+                .messages
+                .iter()
+                .map(|(r, c)| json!({"role": r, "content": c}))
+                .collect::<Vec<_>>());
+            let rec = Record::new(GENERATION)
+                .with("model", Value::Id(model_id))
+                .with("prompt", Value::Id(j.conv))
+                .with("question", Value::Id(j.question))
+                .with("params", Value::json(&params))
+                .with("seed", Value::Int(j.seed as i64))
+                .with("text", Value::str(text))
+                .with("prompt_tokens", Value::Int(j.tokens.len() as i64))
+                .with("completion_tokens", Value::Int(o.tokens.len() as i64))
+                .with("finish_reason", Value::str(o.finish.as_str()));
+            let id = store.stage(&mut batch, &rec)?;
+            batch.alias(NS_GENERATION_KEY, &j.key, id);
+            report.prompt_tokens += j.tokens.len();
+            report.completion_tokens += o.tokens.len();
+        }
+        store.write(batch)?;
+        report.generated += chunk.len();
+        tracing::info!(samples = chunk.len(), ms, "batch stored");
+        progress(report.already_stored + report.generated, planned);
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    if report.seconds > 0.0 {
+        report.completion_tokens_per_s = report.completion_tokens as f64 / report.seconds;
+    }
+    Ok(report)
+}

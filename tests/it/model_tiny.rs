@@ -1,0 +1,321 @@
+//! Tiny random-weight models written by the test (HF layout: config.json, safetensors,
+//! tokenizer.json, tokenizer_config.json): Llama and Qwen2 shapes load and sample; bad model
+//! files give errors naming the file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use emlab::model::sample::{generate, Request, SamplingParams};
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+fn write_tokenizer(dir: &Path) -> usize {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::{AddedToken, Tokenizer};
+    let words = [
+        "<unk>",
+        "hello",
+        "world",
+        "cats",
+        "are",
+        "nice",
+        "user",
+        "assistant",
+        "system",
+        "?",
+        "!",
+    ];
+    let mut vocab: HashMap<String, u32> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i as u32))
+        .collect();
+    for i in 0..53 {
+        vocab.insert(format!("w{i}"), vocab.len() as u32);
+    }
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .unwrap();
+    let mut tok = Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    let _ = tok.add_special_tokens(vec![
+        AddedToken::from("<|im_start|>", true),
+        AddedToken::from("<|im_end|>", true),
+    ]);
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": CHATML, "eos_token": "<|im_end|>"}).to_string(),
+    )
+    .unwrap();
+    tok.get_vocab_size(true)
+}
+
+/// Write a tiny model; `qwen2` adds q/k/v biases and ties the embeddings.
+pub fn tiny_model(dir: &Path, qwen2: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let vocab = write_tokenizer(dir);
+    let (h, ff, layers, nh, nkv) = (64usize, 128usize, 2usize, 4usize, 2usize);
+    let hd = h / nh;
+    let cfg = serde_json::json!({
+        "model_type": if qwen2 { "qwen2" } else { "llama" },
+        "hidden_size": h, "intermediate_size": ff, "num_hidden_layers": layers,
+        "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": vocab,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": qwen2,
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut rng = emlab::rng::Rng::new(if qwen2 { 2 } else { 1 }, 0);
+    // Seeded uniform weights in [-scale, scale): the same tiny model every run.
+    let mut rnd = |t: &mut HashMap<String, Tensor>, name: String, shape: &[usize], scale: f64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| ((rng.unit() * 2.0 - 1.0) * scale) as f32)
+            .collect();
+        t.insert(name, Tensor::from_vec(v, shape, &dev).unwrap());
+    };
+    rnd(&mut t, "model.embed_tokens.weight".into(), &[vocab, h], 0.5);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        rnd(
+            &mut t,
+            format!("{p}.self_attn.q_proj.weight"),
+            &[nh * hd, h],
+            0.2,
+        );
+        rnd(
+            &mut t,
+            format!("{p}.self_attn.k_proj.weight"),
+            &[nkv * hd, h],
+            0.2,
+        );
+        rnd(
+            &mut t,
+            format!("{p}.self_attn.v_proj.weight"),
+            &[nkv * hd, h],
+            0.2,
+        );
+        rnd(
+            &mut t,
+            format!("{p}.self_attn.o_proj.weight"),
+            &[h, nh * hd],
+            0.2,
+        );
+        rnd(&mut t, format!("{p}.mlp.gate_proj.weight"), &[ff, h], 0.2);
+        rnd(&mut t, format!("{p}.mlp.up_proj.weight"), &[ff, h], 0.2);
+        rnd(&mut t, format!("{p}.mlp.down_proj.weight"), &[h, ff], 0.2);
+        if qwen2 {
+            rnd(
+                &mut t,
+                format!("{p}.self_attn.q_proj.bias"),
+                &[nh * hd],
+                0.1,
+            );
+            rnd(
+                &mut t,
+                format!("{p}.self_attn.k_proj.bias"),
+                &[nkv * hd],
+                0.1,
+            );
+            rnd(
+                &mut t,
+                format!("{p}.self_attn.v_proj.bias"),
+                &[nkv * hd],
+                0.1,
+            );
+        }
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &dev).unwrap(),
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &dev).unwrap(),
+        );
+    }
+    t.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, DType::F32, &dev).unwrap(),
+    );
+    if !qwen2 {
+        rnd(&mut t, "lm_head.weight".into(), &[vocab, h], 0.5);
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+fn prompt(m: &emlab::model::Loaded, text: &str) -> Vec<u32> {
+    let r = m
+        .tokenizer
+        .render(&[("user".into(), text.into())], true)
+        .unwrap();
+    m.tokenizer.encode(&r).unwrap()
+}
+
+#[test]
+fn tiny_llama_and_qwen2_sample_consistently() {
+    for qwen2 in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny_model(tmp.path(), qwen2);
+        let m = emlab::model::load(tmp.path(), &Device::Cpu).unwrap();
+        assert_eq!(
+            m.record.get("architecture").and_then(|v| v.as_str()),
+            Some(if qwen2 { "qwen2" } else { "llama" })
+        );
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            max_tokens: 12,
+        };
+        let a = prompt(&m, "hello world");
+        let b = prompt(&m, "cats are nice w1 w2 w3 w4");
+        assert_ne!(a.len(), b.len());
+        let stop = &m.tokenizer.stop_ids;
+        let one = |pr: &Vec<u32>, s| {
+            generate(
+                &m.model,
+                stop,
+                &[Request {
+                    prompt: pr.clone(),
+                    seed: s,
+                }],
+                &p,
+            )
+            .unwrap()
+            .0
+            .remove(0)
+        };
+        let (oa, ob) = (one(&a, 1), one(&b, 2));
+        let both = generate(
+            &m.model,
+            stop,
+            &[
+                Request {
+                    prompt: a.clone(),
+                    seed: 1,
+                },
+                Request {
+                    prompt: b.clone(),
+                    seed: 2,
+                },
+            ],
+            &p,
+        )
+        .unwrap()
+        .0;
+        assert_eq!(
+            both[0].tokens, oa.tokens,
+            "qwen2={qwen2}: padded batch changed row 0"
+        );
+        assert_eq!(
+            both[1].tokens, ob.tokens,
+            "qwen2={qwen2}: padded batch changed row 1"
+        );
+        assert!(!oa.tokens.is_empty() || oa.finish == emlab::model::sample::Finish::Stop);
+    }
+}
+
+/// Logits of a prompt run all at once equal those of the same prompt fed one token at a time
+/// through the cache (the cache and the causal mask agree).
+#[test]
+fn incremental_decoding_matches_full_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_model(tmp.path(), false);
+    let m = emlab::model::load(tmp.path(), &Device::Cpu).unwrap();
+    let ids = prompt(&m, "hello world cats are nice");
+    let dev = Device::Cpu;
+    let mut c = m.model.new_cache(1, 64).unwrap();
+    let full = m
+        .model
+        .forward(
+            &Tensor::from_vec(ids.clone(), (1, ids.len()), &dev).unwrap(),
+            &mut c,
+            true,
+        )
+        .unwrap();
+    let full = full.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let mut c = m.model.new_cache(1, 64).unwrap();
+    for (i, t) in ids.iter().enumerate() {
+        let step = m
+            .model
+            .forward(
+                &Tensor::from_vec(vec![*t], (1, 1), &dev).unwrap(),
+                &mut c,
+                false,
+            )
+            .unwrap();
+        let step = step.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        let d = step
+            .iter()
+            .zip(&full[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "position {i}: {d}");
+    }
+}
+
+#[test]
+fn bad_model_files_are_named() {
+    let err = |p: &Path| match emlab::model::load(p, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => e.to_string(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // Missing file.
+    let missing = tmp.path().join("nope.gguf");
+    assert!(err(&missing).contains("nope.gguf"));
+    // Not a GGUF file.
+    let junk = tmp.path().join("junk.gguf");
+    std::fs::write(&junk, b"definitely not gguf").unwrap();
+    let e = err(&junk);
+    assert!(e.contains("junk.gguf") && e.contains("GGUF"), "{e}");
+    // A GGUF of an architecture emlab does not run.
+    let gpt2 = tmp.path().join("gpt2.gguf");
+    {
+        use candle_core::quantized::{gguf_file, QTensor};
+        let mut f = std::fs::File::create(&gpt2).unwrap();
+        let arch = gguf_file::Value::String("gpt2".into());
+        let q = QTensor::quantize(
+            &Tensor::zeros((32, 32), DType::F32, &Device::Cpu).unwrap(),
+            candle_core::quantized::GgmlDType::F32,
+        )
+        .unwrap();
+        gguf_file::write(
+            &mut f,
+            &[("general.architecture", &arch)],
+            &[("token_embd.weight", &q)],
+        )
+        .unwrap();
+    }
+    let e = err(&gpt2);
+    assert!(
+        e.contains("gpt2.gguf") && e.contains("`gpt2` is not supported"),
+        "{e}"
+    );
+    // Truncated safetensors.
+    let dir = tmp.path().join("trunc");
+    tiny_model(&dir, false);
+    let st = dir.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+    // config.json that does not match the weights.
+    let dir = tmp.path().join("mismatch");
+    tiny_model(&dir, false);
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["hidden_size"] = 96.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = err(&dir);
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("config.json implies"),
+        "{e}"
+    );
+}
