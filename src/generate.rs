@@ -51,6 +51,10 @@ pub struct GeneratePlan {
     pub seed: u64,
     /// Keep quantized weights (less memory; batch shape then changes rounding).
     pub keep_quantized: bool,
+    /// A PEFT LoRA adapter directory to apply.
+    pub adapter: Option<PathBuf>,
+    /// Merge the adapter into the weights instead of applying it alongside.
+    pub merge_adapter: bool,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -116,6 +120,9 @@ pub fn run(
     let mut loaded: Loaded = crate::model::load(&plan.model, &device)?;
     if !plan.keep_quantized {
         loaded.model.dequantize().map_err(ModelError::from)?;
+    }
+    if let Some(dir) = &plan.adapter {
+        loaded.with_adapter(dir, plan.merge_adapter)?;
     }
     let model_id = store.put(&loaded.record)?;
     let params_json = json!({

@@ -37,6 +37,12 @@ pub struct Args {
     /// Sample from the quantized weights (less memory; batch shape changes rounding).
     #[arg(long)]
     pub keep_quantized: bool,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Merge the adapter into the base weights before sampling.
+    #[arg(long, requires = "adapter")]
+    pub merge_adapter: bool,
 }
 
 pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
@@ -58,6 +64,8 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         batch: a.batch,
         seed: a.seed,
         keep_quantized: a.keep_quantized,
+        adapter: a.adapter.clone(),
+        merge_adapter: a.merge_adapter,
     };
     let bar = if is_terminal_stderr() && !ctx.json {
         let b = indicatif::ProgressBar::new(0);

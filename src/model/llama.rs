@@ -53,6 +53,13 @@ pub struct Config {
 pub enum Linear {
     Quant(QMatMul, Option<Tensor>),
     Dense(Tensor, Option<Tensor>),
+    /// An unmerged LoRA adapter over a base projection: `base(x) + scale * (x A^T) B^T`.
+    Lora {
+        base: Box<Linear>,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+    },
 }
 
 impl Linear {
@@ -67,13 +74,36 @@ impl Linear {
                 Linear::Dense(w.to_dtype(dtype)?, b.clone())
             }
             Linear::Dense(w, b) => Linear::Dense(w.to_dtype(dtype)?, b.clone()),
+            Linear::Lora { base, a, b, scale } => {
+                let Linear::Dense(w, bias) = base.to_dense(dtype)? else {
+                    candle_core::bail!("LoRA base did not become dense")
+                };
+                let delta = (b.to_dtype(dtype)?.matmul(&a.to_dtype(dtype)?)? * *scale)?;
+                Linear::Dense((w + delta)?, bias)
+            }
         })
+    }
+
+    /// `(out, in)` of the weight.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Linear::Quant(q, _) => match q {
+                QMatMul::QTensor(t) => t.shape().dims2(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2(),
+            },
+            Linear::Dense(w, _) => w.dims2(),
+            Linear::Lora { base, .. } => base.dims(),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
             Linear::Quant(q, b) => (q.forward(x)?, b),
             Linear::Dense(w, b) => (x.broadcast_matmul(&w.t()?)?, b),
+            Linear::Lora { base, a, b, scale } => {
+                let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+                return base.forward(x)? + (low * *scale)?;
+            }
         };
         match bias {
             Some(b) => y.broadcast_add(b),

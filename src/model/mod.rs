@@ -4,7 +4,9 @@
 
 pub mod llama;
 pub mod load;
+pub mod lora;
 pub mod sample;
+pub mod tiny;
 pub mod tokenizer;
 
 pub use load::{load, Loaded, ModelError};

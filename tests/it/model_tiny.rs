@@ -319,3 +319,176 @@ fn bad_model_files_are_named() {
         "{e}"
     );
 }
+
+/// Write a PEFT adapter for the tiny Llama: A random, B random (or zero), on q_proj and
+/// down_proj of every layer, rsLoRA.
+fn write_adapter(dir: &Path, r: usize, zero_b: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "use_rslora": true,
+        "target_modules": ["q_proj", "down_proj"], "base_model_name_or_path": "tiny"});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut rng = emlab::rng::Rng::new(7, 0);
+    let mut rand = |shape: (usize, usize), scale: f64| {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| ((rng.unit() * 2.0 - 1.0) * scale) as f32)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut t = HashMap::new();
+    for i in 0..2 {
+        for (m, part, out, inp) in [
+            ("q_proj", "self_attn", 64, 64),
+            ("down_proj", "mlp", 64, 128),
+        ] {
+            let p = format!("base_model.model.model.layers.{i}.{part}.{m}");
+            t.insert(format!("{p}.lora_A.weight"), rand((r, inp), 0.3));
+            let b = if zero_b {
+                Tensor::zeros((out, r), DType::F32, &Device::Cpu).unwrap()
+            } else {
+                rand((out, r), 0.3)
+            };
+            t.insert(format!("{p}.lora_B.weight"), b);
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+fn last_logits(m: &emlab::model::Loaded) -> Vec<f32> {
+    let ids = prompt(m, "hello world cats");
+    let mut c = m.model.new_cache(1, 64).unwrap();
+    let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+    m.model
+        .forward(&t, &mut c, false)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn lora_adapter_merged_equals_unmerged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("m");
+    tiny_model(&mdir, false);
+    let adir = tmp.path().join("a");
+    write_adapter(&adir, 4, false);
+    let zdir = tmp.path().join("z");
+    write_adapter(&zdir, 4, true);
+    let load = || emlab::model::load(&mdir, &Device::Cpu).unwrap();
+    let base = last_logits(&load());
+    let adapter = emlab::model::lora::load_peft(&adir, &Device::Cpu).unwrap();
+    assert!(
+        (adapter.scale() - 8.0).abs() < 1e-9,
+        "rsLoRA scale is alpha/sqrt(r)"
+    );
+    let mut u = load();
+    u.model.apply_adapter(&adapter, false).unwrap();
+    let unmerged = last_logits(&u);
+    let mut m = load();
+    m.model.apply_adapter(&adapter, true).unwrap();
+    let merged = last_logits(&m);
+    assert!(
+        max_diff(&unmerged, &merged) < 1e-3,
+        "merged vs unmerged: {}",
+        max_diff(&unmerged, &merged)
+    );
+    assert!(
+        max_diff(&unmerged, &base) > 1e-2,
+        "the adapter changed nothing"
+    );
+    let zero = emlab::model::lora::load_peft(&zdir, &Device::Cpu).unwrap();
+    let mut z = load();
+    z.model.apply_adapter(&zero, false).unwrap();
+    assert!(
+        max_diff(&last_logits(&z), &base) < 1e-5,
+        "a B=0 adapter must not change the model"
+    );
+    // An adapter whose shapes do not fit the model is refused, naming the file.
+    let bad = tmp.path().join("bad");
+    write_adapter(&bad, 4, false);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bad.join("adapter_config.json")).unwrap())
+            .unwrap();
+    cfg["r"] = 8.into();
+    std::fs::write(bad.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let bad = emlab::model::lora::load_peft(&bad, &Device::Cpu).unwrap();
+    let e = load()
+        .model
+        .apply_adapter(&bad, false)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("r 8"),
+        "{e}"
+    );
+}
+
+/// `generate --adapter` records a model id different from the base's, and merged/unmerged
+/// adapters sample the same texts.
+#[test]
+fn generate_with_adapter_names_it() {
+    use crate::util::*;
+    let s = TestStore::new();
+    let mdir = s.path("m");
+    tiny_model(&mdir, false);
+    let adir = s.path("a");
+    write_adapter(&adir, 4, false);
+    let q = s.write("q.txt", b"hello world\ncats are nice\n");
+    s.ok(&["data", "import", q.to_str().unwrap(), "--name", "qs"]);
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "generate",
+            "--model",
+            mdir.to_str().unwrap(),
+            "--questions",
+            "qs",
+            "--samples",
+            "2",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        json(&s.ok(&args))
+    };
+    let base = gen(&[]);
+    let unmerged = gen(&["--adapter", adir.to_str().unwrap()]);
+    let merged = gen(&["--adapter", adir.to_str().unwrap(), "--merge-adapter"]);
+    assert_ne!(base["model"], unmerged["model"]);
+    assert_ne!(
+        unmerged["model"], merged["model"],
+        "merged flag is part of the identity"
+    );
+    assert_eq!(unmerged["generated"], 4);
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let texts = |model: &str| -> Vec<String> {
+        let mut v: Vec<String> = store
+            .ids_in_table("generation", 0)
+            .unwrap()
+            .into_iter()
+            .map(|(_, id)| store.get(id).unwrap())
+            .filter(|r| r.get("model").unwrap().as_id().unwrap().to_hex() == model)
+            .map(|r| r.get("text").unwrap().as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        texts(unmerged["model"].as_str().unwrap()),
+        texts(merged["model"].as_str().unwrap())
+    );
+    drop(store);
+    let shown = json(&s.ok(&["show", unmerged["model"].as_str().unwrap()]));
+    assert_eq!(shown["fields"]["config"]["adapter"]["r"], 4);
+}
