@@ -26,9 +26,9 @@ pub enum Arch {
 /// How query/key pairs are laid out for rotary embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum RopeLayout {
-    /// Pairs are (x[i], x[i + d/2]): HF checkpoints, and GGUF Qwen2.
+    /// Pairs are `(x[i], x[i + d/2])`: HF checkpoints, and GGUF Qwen2.
     Half,
-    /// Pairs are (x[2i], x[2i+1]): GGUF Llama (llama.cpp permutes q/k on conversion).
+    /// Pairs are `(x[2i], x[2i+1])`: GGUF Llama (llama.cpp permutes q/k on conversion).
     Interleaved,
 }
 

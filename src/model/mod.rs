@@ -1,5 +1,5 @@
 //! Language models in Candle: emlab's own transformer ([`llama`]), loading from GGUF or HF
-//! directories ([`load`]), tokenizers and chat templates ([`tokenizer`]), and batched
+//! directories ([`mod@load`]), tokenizers and chat templates ([`tokenizer`]), and batched
 //! sampling with a KV cache ([`sample`]).
 
 pub mod llama;
