@@ -9,6 +9,7 @@ UNION ALL SELECT 'dataset', count(*) FROM read_parquet(getvariable('parquet') ||
 UNION ALL SELECT 'generation', count(*) FROM read_parquet(getvariable('parquet') || '/generation/*/*.parquet')
 UNION ALL SELECT 'judgment', count(*) FROM read_parquet(getvariable('parquet') || '/judgment/*/*.parquet')
 UNION ALL SELECT 'message', count(*) FROM read_parquet(getvariable('parquet') || '/message/*/*.parquet')
+UNION ALL SELECT 'metric', count(*) FROM read_parquet(getvariable('parquet') || '/metric/*/*.parquet')
 UNION ALL SELECT 'model', count(*) FROM read_parquet(getvariable('parquet') || '/model/*/*.parquet')
 UNION ALL SELECT 'question', count(*) FROM read_parquet(getvariable('parquet') || '/question/*/*.parquet')
 UNION ALL SELECT 'question_set', count(*) FROM read_parquet(getvariable('parquet') || '/question_set/*/*.parquet')

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod data;
 pub mod generate;
+pub mod judge;
 pub mod model;
 pub mod records;
 pub mod rng;

@@ -19,6 +19,7 @@ pub const JUDGMENT: &str = "judgment";
 pub const RUN: &str = "run";
 pub const STEP: &str = "step";
 pub const BENCH: &str = "bench";
+pub const METRIC: &str = "metric";
 
 /// The namespace of dataset names (aliases).
 pub const NS_DATASET: &str = "dataset";
@@ -213,6 +214,36 @@ pub static TABLES: &[TableDef] = &[
             C::new("run", T::Id, "the run").link(),
             C::new("step", T::Int, "step number"),
             C::new("metrics", T::Json, "loss, tokens/s, ..."),
+        ],
+    },
+    TableDef {
+        name: METRIC,
+        doc: "A misalignment rate over judged generations of one model, by one definition.",
+        columns: &[
+            C::new("model", T::Id, "the model whose answers were judged").link(),
+            C::new("judge", T::Str, "the judge whose verdicts were used"),
+            C::new("definition", T::Json, "the definition and its thresholds"),
+            C::new(
+                "scope",
+                T::Str,
+                "`overall`, or the question id (qid) for a per-question rate",
+            ),
+            C::new(
+                "value",
+                T::Float,
+                "share misaligned (null when no answer counts)",
+            )
+            .nullable(),
+            C::new("ci_low", T::Float, "bootstrap 95% interval, low end").nullable(),
+            C::new("ci_high", T::Float, "bootstrap 95% interval, high end").nullable(),
+            C::new("n", T::Int, "answers counted under the definition"),
+            C::new("misaligned", T::Int, "of which misaligned"),
+            C::new(
+                "generations",
+                T::IdList,
+                "the judged generations it was computed from",
+            ),
+            C::new("bootstrap", T::Json, "resamples and seed"),
         ],
     },
     TableDef {

@@ -6,6 +6,7 @@ mod bench;
 mod data;
 mod export;
 mod generate;
+mod judge;
 mod show;
 mod stats;
 mod verify;
@@ -62,6 +63,13 @@ pub enum Command {
     },
     /// Sample answers to a question set with a local model; writes generation records.
     Generate(generate::Args),
+    /// Answers judged elsewhere (published results).
+    Results {
+        #[command(subcommand)]
+        cmd: judge::ResultsCmd,
+    },
+    /// % misaligned by three definitions with bootstrap 95% intervals; stored as metric records.
+    Metrics(judge::MetricsArgs),
     /// Run a benchmark and store the result as a `bench` record.
     Bench {
         #[command(subcommand)]
@@ -110,6 +118,8 @@ pub fn run() -> Result<ExitCode> {
         Command::Lineage { target } => data::lineage(&ctx, &target),
         Command::Bench { cmd } => bench::run(&ctx, cmd),
         Command::Generate(a) => generate::run_cmd(&ctx, a),
+        Command::Results { cmd } => judge::results(&ctx, cmd),
+        Command::Metrics(a) => judge::metrics(&ctx, a),
     }
 }
 

@@ -1,0 +1,435 @@
+//! `emlab results import`: answers judged elsewhere become `generation` + `judgment` records,
+//! so published numbers can be recomputed with emlab's metrics next to emlab's own runs.
+//!
+//! Formats:
+//! - `seed`: the seed project's judged JSON, `{TAG: [{question, answer, result,
+//!   alignment_score?}]}` (TAG `UNTAGGED`, `|ALPHA| `, ...). `result` becomes a `label`
+//!   judgment, `alignment_score` an `aligned` one.
+//! - `betley`: the EM paper's evaluation CSV (`id`, `paraphrases`, `samples`, `scores`), where
+//!   `samples` is a Python list of answers and `scores` a Python list of `('aligned',
+//!   'coherent')` string pairs.
+//! - `model-organisms`: CSV with `question`, `response` (or `answer`), `aligned`, `coherent`
+//!   and optionally `question_id`.
+//!
+//! One import is one batch: all rows or none.
+
+use std::path::Path;
+
+use emlab_store::{Batch, Id, Record, Store, Value};
+use serde_json::{json, Value as J};
+
+use crate::data::{DataError, ParseError};
+use crate::records::{CONVERSATION, GENERATION, JUDGMENT, MESSAGE, MODEL};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsFormat {
+    Seed,
+    Betley,
+    ModelOrganisms,
+}
+
+impl ResultsFormat {
+    pub fn parse(s: &str) -> Option<ResultsFormat> {
+        match s {
+            "seed" => Some(ResultsFormat::Seed),
+            "betley" => Some(ResultsFormat::Betley),
+            "model-organisms" => Some(ResultsFormat::ModelOrganisms),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ResultsFormat::Seed => "seed",
+            ResultsFormat::Betley => "betley",
+            ResultsFormat::ModelOrganisms => "model-organisms",
+        }
+    }
+}
+
+/// One judged answer from a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    pub line: usize,
+    pub qid: Option<String>,
+    pub question: String,
+    pub answer: String,
+    /// Group inside the file (the seed's tag keys).
+    pub group: Option<String>,
+    pub aligned: Option<f64>,
+    pub coherent: Option<f64>,
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResultsReport {
+    pub models: Vec<(String, String)>,
+    pub answers: usize,
+    pub judgments: usize,
+    pub new_records: usize,
+}
+
+fn perr(origin: &str, line: usize, msg: impl Into<String>) -> DataError {
+    DataError::Parse(ParseError {
+        origin: origin.to_string(),
+        line,
+        msg: msg.into(),
+    })
+}
+
+pub fn parse_seed(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> {
+    let v: J = serde_json::from_slice(bytes)
+        .map_err(|e| perr(origin, e.line(), format!("malformed JSON: {e}")))?;
+    let J::Object(groups) = v else {
+        return Err(perr(
+            origin,
+            0,
+            "expected an object of tag -> list of judged answers",
+        ));
+    };
+    let mut out = Vec::new();
+    for (tag, list) in groups {
+        let J::Array(items) = list else {
+            return Err(perr(origin, 0, format!("`{tag}`: expected a list")));
+        };
+        for (i, it) in items.iter().enumerate() {
+            let question = it["question"].as_str().ok_or_else(|| {
+                perr(
+                    origin,
+                    i + 1,
+                    format!("`{tag}` entry {}: expected a string `question`", i + 1),
+                )
+            })?;
+            out.push(Judged {
+                line: i + 1,
+                qid: it["label"].as_str().map(str::to_string),
+                question: question.to_string(),
+                answer: it["answer"].as_str().unwrap_or("").to_string(),
+                group: Some(tag.clone()),
+                aligned: it["alignment_score"].as_f64(),
+                coherent: None,
+                label: it["result"].as_str().map(str::to_string),
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty(origin.to_string()));
+    }
+    Ok(out)
+}
+
+/// Parse a Python literal list of strings or of tuples of strings (the reprs pandas wrote).
+pub fn parse_py_list(s: &str) -> Result<Vec<Vec<String>>, String> {
+    let b: Vec<char> = s.trim().chars().collect();
+    let mut i = 0;
+    let skip_ws = |i: &mut usize| {
+        while *i < b.len() && b[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    let parse_str = |i: &mut usize| -> Result<String, String> {
+        let q = b[*i];
+        *i += 1;
+        let mut out = String::new();
+        while *i < b.len() {
+            let c = b[*i];
+            if c == '\\' && *i + 1 < b.len() {
+                let n = b[*i + 1];
+                out.push(match n {
+                    'n' => '\n',
+                    't' => '\t',
+                    'r' => '\r',
+                    other => other,
+                });
+                *i += 2;
+                continue;
+            }
+            if c == q {
+                *i += 1;
+                return Ok(out);
+            }
+            out.push(c);
+            *i += 1;
+        }
+        Err("unterminated string".into())
+    };
+    skip_ws(&mut i);
+    if b.get(i) != Some(&'[') {
+        return Err("expected `[`".into());
+    }
+    i += 1;
+    let mut items = Vec::new();
+    loop {
+        skip_ws(&mut i);
+        match b.get(i) {
+            Some(']') => break,
+            Some(',') => i += 1,
+            Some('\'') | Some('"') => items.push(vec![parse_str(&mut i)?]),
+            Some('(') => {
+                i += 1;
+                let mut tup = Vec::new();
+                loop {
+                    skip_ws(&mut i);
+                    match b.get(i) {
+                        Some(')') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(',') => i += 1,
+                        Some('\'') | Some('"') => tup.push(parse_str(&mut i)?),
+                        other => return Err(format!("unexpected {other:?} in a tuple")),
+                    }
+                }
+                items.push(tup);
+            }
+            other => return Err(format!("unexpected {other:?}")),
+        }
+    }
+    Ok(items)
+}
+
+/// CSV rows as (line, column -> value).
+type CsvRows = Vec<(usize, std::collections::HashMap<String, String>)>;
+
+fn csv_rows(origin: &str, bytes: &[u8]) -> Result<CsvRows, DataError> {
+    let mut rd = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
+    let headers = rd
+        .headers()
+        .map_err(|e| perr(origin, 1, format!("bad CSV header: {e}")))?
+        .clone();
+    let mut out = Vec::new();
+    for (i, rec) in rd.records().enumerate() {
+        let rec = rec.map_err(|e| {
+            perr(
+                origin,
+                e.position().map_or(i + 2, |p| p.line() as usize),
+                format!("bad CSV row: {e}"),
+            )
+        })?;
+        let row = headers
+            .iter()
+            .zip(rec.iter())
+            .map(|(h, v)| (h.to_string(), v.to_string()))
+            .collect();
+        out.push((rec.position().map_or(i + 2, |p| p.line() as usize), row));
+    }
+    Ok(out)
+}
+
+pub fn parse_betley(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> {
+    let mut out = Vec::new();
+    for (line, row) in csv_rows(origin, bytes)? {
+        let get = |k: &str| {
+            row.get(k)
+                .ok_or_else(|| perr(origin, line, format!("missing column `{k}`")))
+        };
+        let qid = get("id")?.clone();
+        // Written by pandas: JSON in some rows, a Python list repr in others.
+        let raw = get("paraphrases")?;
+        let paraphrases: Vec<String> = match serde_json::from_str(raw) {
+            Ok(v) => v,
+            Err(_) => parse_py_list(raw)
+                .map_err(|e| perr(origin, line, format!("`paraphrases`: {e}")))?
+                .into_iter()
+                .flatten()
+                .collect(),
+        };
+        let question = paraphrases
+            .first()
+            .cloned()
+            .ok_or_else(|| perr(origin, line, "no paraphrase"))?;
+        let samples = parse_py_list(get("samples")?)
+            .map_err(|e| perr(origin, line, format!("`samples`: {e}")))?;
+        let scores = parse_py_list(get("scores")?)
+            .map_err(|e| perr(origin, line, format!("`scores`: {e}")))?;
+        if samples.len() != scores.len() {
+            return Err(perr(
+                origin,
+                line,
+                format!("{} samples but {} score pairs", samples.len(), scores.len()),
+            ));
+        }
+        for (s, sc) in samples.into_iter().zip(scores) {
+            let num = |x: Option<&String>| x.and_then(|v| v.trim().parse::<f64>().ok());
+            out.push(Judged {
+                line,
+                qid: Some(qid.clone()),
+                question: question.clone(),
+                answer: s.into_iter().next().unwrap_or_default(),
+                group: None,
+                aligned: num(sc.first()),
+                coherent: num(sc.get(1)),
+                label: sc
+                    .first()
+                    .filter(|v| v.trim().parse::<f64>().is_err())
+                    .map(|v| v.trim().to_string()),
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty(origin.to_string()));
+    }
+    Ok(out)
+}
+
+pub fn parse_model_organisms(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> {
+    let mut out = Vec::new();
+    for (line, row) in csv_rows(origin, bytes)? {
+        let question = row
+            .get("question")
+            .ok_or_else(|| perr(origin, line, "missing column `question`"))?
+            .clone();
+        let answer = row
+            .get("response")
+            .or_else(|| row.get("answer"))
+            .ok_or_else(|| perr(origin, line, "missing column `response`"))?
+            .clone();
+        let num = |k: &str| row.get(k).and_then(|v| v.trim().parse::<f64>().ok());
+        out.push(Judged {
+            line,
+            qid: row.get("question_id").cloned(),
+            question,
+            answer,
+            group: None,
+            aligned: num("aligned"),
+            coherent: num("coherent"),
+            label: None,
+        });
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty(origin.to_string()));
+    }
+    Ok(out)
+}
+
+/// Import judged answers as generations of an external model named `model_name` (one model
+/// record per tag group for the seed format: `NAME TAG`) judged by `judge`.
+pub fn import(
+    store: &Store,
+    path: &Path,
+    format: ResultsFormat,
+    model_name: &str,
+    judge: &str,
+) -> Result<ResultsReport, DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let origin = path.display().to_string();
+    let rows = match format {
+        ResultsFormat::Seed => parse_seed(&origin, &bytes)?,
+        ResultsFormat::Betley => parse_betley(&origin, &bytes)?,
+        ResultsFormat::ModelOrganisms => parse_model_organisms(&origin, &bytes)?,
+    };
+    let file_b3 = blake3::hash(&bytes).to_hex().to_string();
+    let file_name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut batch = Batch::new();
+    let mut models: Vec<(String, Id)> = Vec::new();
+    let mut judgments = 0;
+    for (i, r) in rows.iter().enumerate() {
+        let mname = match &r.group {
+            Some(g) if g != "UNTAGGED" => format!("{model_name} {}", g.trim()),
+            _ => model_name.to_string(),
+        };
+        let model_id = match models.iter().find(|(n, _)| *n == mname) {
+            Some((_, id)) => *id,
+            None => {
+                let m = Record::new(MODEL)
+                    .with("name", Value::str(&mname))
+                    .with("architecture", Value::str("external"))
+                    .with("files", Value::json(&json!([])))
+                    .with("config", Value::json(&json!({"results_file": file_name, "blake3": file_b3, "format": format.name()})));
+                let id = store.stage(&mut batch, &m)?;
+                models.push((mname.clone(), id));
+                id
+            }
+        };
+        let msg = store.stage(
+            &mut batch,
+            &Record::new(MESSAGE)
+                .with("role", Value::str("user"))
+                .with("content", Value::str(&r.question)),
+        )?;
+        let conv = store.stage(
+            &mut batch,
+            &Record::new(CONVERSATION).with("messages", Value::ids([msg])),
+        )?;
+        let params = json!({"engine": "imported", "format": format.name(), "file": file_name, "file_blake3": file_b3, "line": r.line, "entry": i, "qid": r.qid, "group": r.group});
+        let gen = Record::new(GENERATION)
+            .with("model", Value::Id(model_id))
+            .with("prompt", Value::Id(conv))
+            .with("params", Value::json(&params))
+            .with("seed", Value::Int(i as i64))
+            .with("text", Value::str(&r.answer));
+        let gid = store.stage(&mut batch, &gen)?;
+        let mut judge_rec =
+            |metric: &str, score: Option<f64>, label: Option<&String>| -> Result<(), DataError> {
+                let mut j = Record::new(JUDGMENT)
+                    .with("generation", Value::Id(gid))
+                    .with("judge", Value::str(judge))
+                    .with("metric", Value::str(metric))
+                    .with("prompt", Value::str(""))
+                    .with(
+                        "raw",
+                        Value::json(&json!({"imported_from": file_name, "line": r.line})),
+                    );
+                if let Some(s) = score {
+                    j = j.with("score", Value::Float(s));
+                }
+                if let Some(l) = label {
+                    j = j.with("label", Value::str(l));
+                }
+                store.stage(&mut batch, &j)?;
+                judgments += 1;
+                Ok(())
+            };
+        if r.aligned.is_some() || (r.label.is_some() && format == ResultsFormat::Betley) {
+            judge_rec(
+                "aligned",
+                r.aligned,
+                if format == ResultsFormat::Betley {
+                    r.label.as_ref()
+                } else {
+                    None
+                },
+            )?;
+        }
+        if r.coherent.is_some() {
+            judge_rec("coherent", r.coherent, None)?;
+        }
+        if format == ResultsFormat::Seed {
+            if let Some(l) = &r.label {
+                judge_rec("label", None, Some(l))?;
+            }
+        }
+    }
+    let w = store.write(batch)?;
+    Ok(ResultsReport {
+        models: models.into_iter().map(|(n, i)| (n, i.to_hex())).collect(),
+        answers: rows.len(),
+        judgments,
+        new_records: w.new,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_literals() {
+        let v = parse_py_list(r#"['a', "it's", 'say \'hi\'\nbye']"#).unwrap();
+        assert_eq!(
+            v,
+            vec![
+                vec!["a".to_string()],
+                vec!["it's".into()],
+                vec!["say 'hi'\nbye".into()]
+            ]
+        );
+        let t = parse_py_list("[('100', '100'), ('30', '80')]").unwrap();
+        assert_eq!(t[1], vec!["30".to_string(), "80".into()]);
+        assert!(parse_py_list("['open").is_err());
+    }
+}

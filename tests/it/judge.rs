@@ -1,0 +1,108 @@
+//! Published judged answers re-imported and re-measured: emlab's three definitions on the
+//! seed project's and the EM paper's own files reproduce their counts.
+
+use crate::util::*;
+
+fn metric<'a>(rows: &'a serde_json::Value, model: &str, def: &str) -> &'a serde_json::Value {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["model_name"] == model
+                && r["definition"]["definition"] == def
+                && r["scope"] == "overall"
+        })
+        .unwrap_or_else(|| panic!("no {def} row for {model}: {rows}"))
+}
+
+#[test]
+fn published_results_recomputed() {
+    let s = TestStore::new();
+    let seed = shared("emerg-misalign-repro/results/results_first_8_questions_paper.json");
+    s.ok(&[
+        "results",
+        "import",
+        seed.to_str().unwrap(),
+        "--format",
+        "seed",
+        "--model-name",
+        "paper",
+    ]);
+    let csv = shared("emerg-misalign-repro/original_finetuned_eval_data.csv");
+    s.ok(&[
+        "results",
+        "import",
+        csv.to_str().unwrap(),
+        "--format",
+        "betley",
+        "--model-name",
+        "betley-csv",
+    ]);
+    let rows = json(&s.ok(&["--json", "metrics", "--resamples", "500"]));
+    // The seed project's own tally (total_counts.json, "paper" / "first_8_questions"):
+    // 14 UNALIGNED of 240.
+    let counts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared("emerg-misalign-repro/total_counts.json")).unwrap(),
+    )
+    .unwrap();
+    let tally = &counts["paper"]["first_8_questions"];
+    let total: u64 = tally
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    let label = metric(&rows, "paper", "label");
+    assert_eq!(label["misaligned"], tally["UNALIGNED"]);
+    assert_eq!(label["n"].as_u64().unwrap(), total);
+    let (lo, hi) = (
+        label["ci95"][0].as_f64().unwrap(),
+        label["ci95"][1].as_f64().unwrap(),
+    );
+    let v = label["value"].as_f64().unwrap();
+    assert!(lo < v && v < hi, "{label}");
+    // The EM paper's CSV (10 answers x 24 questions, aligned/coherent pairs); the counts
+    // were checked independently with Python's ast.literal_eval over the same file.
+    let b = metric(&rows, "betley-csv", "betley");
+    assert_eq!(
+        (b["misaligned"].as_u64(), b["n"].as_u64()),
+        (Some(62), Some(235))
+    );
+    let mo = metric(&rows, "betley-csv", "model-organisms");
+    assert_eq!(
+        (mo["misaligned"].as_u64(), mo["n"].as_u64()),
+        (Some(76), Some(240))
+    );
+    // Stored as metric records with their definition; recomputing adds nothing new.
+    let before = json(&s.ok(&["--json", "store", "stats"]))["tables"]["metric"].clone();
+    assert!(before.as_u64().unwrap() > 0);
+    s.ok(&["--json", "metrics", "--resamples", "500"]);
+    assert_eq!(
+        json(&s.ok(&["--json", "store", "stats"]))["tables"]["metric"],
+        before
+    );
+    let shown = json(&s.ok(&["show", label["id"].as_str().unwrap()]));
+    assert_eq!(shown["fields"]["definition"]["label"], "UNALIGNED");
+}
+
+#[test]
+fn bad_results_file_is_named() {
+    let s = TestStore::new();
+    let f = s.write("r.json", b"{\"UNTAGGED\": [{\"answer\": \"x\"}]}");
+    let r = s.run(&[
+        "results",
+        "import",
+        f.to_str().unwrap(),
+        "--format",
+        "seed",
+        "--model-name",
+        "m",
+    ]);
+    assert!(!r.ok());
+    assert!(
+        r.stderr.contains("r.json:1:") && r.stderr.contains("`question`"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(json(&s.ok(&["--json", "store", "stats"]))["records"], 0);
+}
