@@ -34,6 +34,8 @@ pub enum GenerateError {
     Prompt { qid: String, msg: String },
     #[error("sampling failed: {0}")]
     Sampling(candle_core::Error),
+    #[error("{0} (answers received before it are stored; rerun to retry the rest)")]
+    Client(crate::judge::client::ClientError),
 }
 
 /// A validated generation request: what gets hashed into each sample's key.
@@ -300,6 +302,199 @@ pub fn run(
     report.seconds = start.elapsed().as_secs_f64();
     if report.seconds > 0.0 {
         report.completion_tokens_per_s = report.completion_tokens as f64 / report.seconds;
+    }
+    Ok(report)
+}
+
+/// Sampling through an OpenAI-compatible endpoint (a served model, a hosted fine-tune).
+#[derive(Debug, Clone)]
+pub struct EndpointGeneratePlan {
+    pub endpoint: crate::judge::client::Endpoint,
+    pub questions: String,
+    pub samples: usize,
+    pub params: SamplingParams,
+    pub system: Option<String>,
+    pub seed: u64,
+}
+
+/// Like [`run`], through an endpoint: the server renders the chat template, so the record
+/// keeps the messages sent; the model record names the endpoint and the served model.
+pub fn run_endpoint(
+    store: &Store,
+    plan: &EndpointGeneratePlan,
+    progress: Progress<'_>,
+) -> Result<GenerateReport, GenerateError> {
+    use futures::StreamExt;
+    let set_id = resolve_dataset(store, &plan.questions)?;
+    let set = store.get(set_id)?;
+    if set.table != QUESTION_SET {
+        return Err(GenerateError::NotQuestions(plan.questions.clone()));
+    }
+    let client =
+        crate::judge::client::Client::new(plan.endpoint.clone()).map_err(GenerateError::Client)?;
+    let model_rec = Record::new(crate::records::MODEL)
+        .with("name", Value::str(&plan.endpoint.model))
+        .with("architecture", Value::str("endpoint"))
+        .with("files", Value::json(&json!([])))
+        .with(
+            "config",
+            Value::json(
+                &json!({"base_url": plan.endpoint.base_url, "served_model": plan.endpoint.model}),
+            ),
+        );
+    let model_id = store.put(&model_rec)?;
+    let params_json = json!({"engine": "openai-compatible", "temperature": plan.params.temperature, "top_p": plan.params.top_p, "max_tokens": plan.params.max_tokens});
+    let run_rec = Record::new(RUN)
+        .with("kind", Value::str("generate"))
+        .with("plan", Value::json(&json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoint.base_url})))
+        .with("inputs", Value::ids([model_id, set_id]));
+    let run_id = store.put(&run_rec)?;
+    let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
+    let questions = store.get_many(&qids)?;
+    let mut prompt_batch = Batch::new();
+    let mut jobs = Vec::new();
+    let mut planned = 0;
+    for (qid, q) in qids.iter().zip(&questions) {
+        let system = plan
+            .system
+            .clone()
+            .or_else(|| q.get("system").and_then(Value::as_str).map(str::to_string));
+        let paraphrases: Vec<String> = q
+            .get("paraphrases")
+            .and_then(Value::as_list)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect();
+        for (pi, text) in paraphrases.iter().enumerate() {
+            let mut messages = Vec::new();
+            if let Some(s) = &system {
+                messages.push(("system".to_string(), s.clone()));
+            }
+            messages.push(("user".to_string(), text.clone()));
+            let mut msg_ids = Vec::new();
+            for (r, c) in &messages {
+                msg_ids.push(
+                    store.stage(
+                        &mut prompt_batch,
+                        &Record::new(MESSAGE)
+                            .with("role", Value::str(r))
+                            .with("content", Value::str(c)),
+                    )?,
+                );
+            }
+            let conv = store.stage(
+                &mut prompt_batch,
+                &Record::new(CONVERSATION).with("messages", Value::ids(msg_ids)),
+            )?;
+            for si in 0..plan.samples {
+                planned += 1;
+                let seed = seed_of(plan.seed, *qid, pi, si);
+                let key = key_of(model_id, conv, &params_json, seed);
+                if store.alias(NS_GENERATION_KEY, &key)?.is_some() {
+                    continue;
+                }
+                jobs.push(Job {
+                    question: *qid,
+                    conv,
+                    messages: messages.clone(),
+                    rendered: String::new(),
+                    tokens: Vec::new(),
+                    paraphrase: pi,
+                    sample: si,
+                    seed,
+                    key,
+                });
+            }
+        }
+    }
+    store.write(prompt_batch)?;
+    let mut report = GenerateReport {
+        model: model_id.to_hex(),
+        run: run_id.to_hex(),
+        planned,
+        already_stored: planned - jobs.len(),
+        ..Default::default()
+    };
+    progress(report.already_stored, planned);
+    let start = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| GenerateError::Prompt {
+            qid: "runtime".into(),
+            msg: e.to_string(),
+        })?;
+    let mut first_error = None;
+    rt.block_on(async {
+        let mut results = futures::stream::iter(jobs.into_iter().map(|j| {
+            let client = &client;
+            async move {
+                let msgs: Vec<_> = j.messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
+                // `max_tokens`, not `max_completion_tokens`: what OpenAI-compatible servers
+                // such as llama.cpp and vLLM accept.
+                let body = json!({"messages": msgs, "max_tokens": plan.params.max_tokens, "temperature": plan.params.temperature, "top_p": plan.params.top_p, "seed": j.seed});
+                let r = client.chat(body).await;
+                (j, r)
+            }
+        }))
+        .buffer_unordered(plan.endpoint.concurrency.max(1));
+        let mut batch = Batch::new();
+        let mut pending = 0;
+        while let Some((j, r)) = results.next().await {
+            match r {
+                Ok(resp) => {
+                    let mut params = params_json.clone();
+                    params["paraphrase"] = json!(j.paraphrase);
+                    params["sample"] = json!(j.sample);
+                    params["base_seed"] = json!(plan.seed);
+                    params["messages"] = json!(j.messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect::<Vec<_>>());
+                    params["rendered_prompt"] = json!(null);
+                    let usage = &resp["usage"];
+                    let mut rec = Record::new(GENERATION)
+                        .with("model", Value::Id(model_id))
+                        .with("prompt", Value::Id(j.conv))
+                        .with("question", Value::Id(j.question))
+                        .with("params", Value::json(&params))
+                        .with("seed", Value::Int(j.seed as i64))
+                        .with("text", Value::str(crate::judge::client::content(&resp)));
+                    if let Some(n) = usage["prompt_tokens"].as_i64() {
+                        rec = rec.with("prompt_tokens", Value::Int(n));
+                        report.prompt_tokens += n as usize;
+                    }
+                    if let Some(n) = usage["completion_tokens"].as_i64() {
+                        rec = rec.with("completion_tokens", Value::Int(n));
+                        report.completion_tokens += n as usize;
+                    }
+                    if let Some(f) = resp["choices"][0]["finish_reason"].as_str() {
+                        rec = rec.with("finish_reason", Value::str(f));
+                    }
+                    let id = store.stage(&mut batch, &rec)?;
+                    batch.alias(NS_GENERATION_KEY, &j.key, id);
+                    pending += 1;
+                    report.generated += 1;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            if pending >= 32 {
+                store.write(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+            progress(report.already_stored + report.generated, planned);
+        }
+        store.write(batch)?;
+        Ok::<(), GenerateError>(())
+    })?;
+    report.seconds = start.elapsed().as_secs_f64();
+    if report.seconds > 0.0 {
+        report.completion_tokens_per_s = report.completion_tokens as f64 / report.seconds;
+    }
+    if let Some(e) = first_error {
+        // What succeeded is stored; a rerun retries only the rest.
+        return Err(GenerateError::Client(e));
     }
     Ok(report)
 }

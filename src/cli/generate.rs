@@ -10,9 +10,25 @@ use emlab::model::sample::SamplingParams;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A .gguf file or a Hugging Face model directory.
+    /// A .gguf file or a Hugging Face model directory (or use --endpoint).
+    #[arg(
+        long,
+        required_unless_present = "endpoint",
+        conflicts_with = "endpoint"
+    )]
+    pub model: Option<PathBuf>,
+    /// An OpenAI-compatible base URL (e.g. http://127.0.0.1:8080/v1) to sample from instead.
+    #[arg(long, requires = "model_name")]
+    pub endpoint: Option<String>,
+    /// The served model's name (with --endpoint).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model_name: Option<String>,
+    /// Environment variable holding the endpoint's API key (never stored or logged).
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// Concurrent requests (with --endpoint).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
     /// Question set name or id.
     #[arg(long)]
     pub questions: String,
@@ -51,8 +67,46 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         anyhow::bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let store = ctx.open()?;
+    let bar = progress_bar(ctx);
+    let mut progress = |done: usize, total: usize| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    };
+    if let Some(url) = &a.endpoint {
+        let plan = emlab::generate::EndpointGeneratePlan {
+            endpoint: emlab::judge::client::Endpoint {
+                base_url: url.clone(),
+                model: a.model_name.clone().unwrap_or_default(),
+                api_key_env: a.api_key_env.clone(),
+                concurrency: a.concurrency,
+                max_retries: 6,
+                timeout_s: 120.0,
+            },
+            questions: a.questions.clone(),
+            samples: a.samples,
+            params: SamplingParams {
+                temperature: a.temperature,
+                top_p: a.top_p,
+                max_tokens: a.max_tokens,
+            },
+            system: a.system.clone(),
+            seed: a.seed,
+        };
+        let r = emlab::generate::run_endpoint(&store, &plan, &mut progress)
+            .with_context(|| format!("generating through {url}"))?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        return report(ctx, &r);
+    }
+    let model = a
+        .model
+        .clone()
+        .context("--model or --endpoint is required")?;
     let plan = GeneratePlan {
-        model: a.model.clone(),
+        model: model.clone(),
         questions: a.questions.clone(),
         samples: a.samples,
         params: SamplingParams {
@@ -67,31 +121,31 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         adapter: a.adapter.clone(),
         merge_adapter: a.merge_adapter,
     };
-    let bar = if is_terminal_stderr() && !ctx.json {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} samples {elapsed_precise} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(b)
-    } else {
-        None
-    };
-    let mut progress = |done: usize, total: usize| {
-        if let Some(b) = &bar {
-            b.set_length(total as u64);
-            b.set_position(done as u64);
-        }
-    };
     let r = run(&store, &plan, &mut progress)
-        .with_context(|| format!("generating with {}", a.model.display()))?;
+        .with_context(|| format!("generating with {}", model.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    report(ctx, &r)
+}
+
+/// A progress bar on stderr when it is a terminal (and not --json).
+pub fn progress_bar(ctx: &Ctx) -> Option<indicatif::ProgressBar> {
+    (is_terminal_stderr() && !ctx.json).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} {elapsed_precise} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    })
+}
+
+fn report(ctx: &Ctx, r: &emlab::generate::GenerateReport) -> Result<ExitCode> {
     if ctx.json {
-        out_json(&r)?;
+        out_json(r)?;
     } else {
         out(&r.run)?;
         note(format!(

@@ -127,3 +127,81 @@ pub fn metrics(ctx: &Ctx, a: MetricsArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(clap::Args, Debug)]
+pub struct JudgeArgs {
+    /// OpenAI-compatible base URL of the judge (e.g. http://127.0.0.1:8080/v1).
+    #[arg(long)]
+    pub endpoint: String,
+    /// The judge model's name as the endpoint knows it.
+    #[arg(long)]
+    pub model_name: String,
+    /// Name recorded as the judge (default: the model name).
+    #[arg(long)]
+    pub judge: Option<String>,
+    /// Environment variable holding the API key (never stored or logged).
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// Judge prompts to use (names in the questions' judge_prompts).
+    #[arg(long, value_delimiter = ',', default_value = "aligned,coherent")]
+    pub metrics: Vec<String>,
+    /// Judge prompts for generations whose question has none: this question set's first.
+    #[arg(long)]
+    pub prompts_from: Option<String>,
+    /// Also run a text-label judge with this prompt file ({question}, {answer}).
+    #[arg(long)]
+    pub label_prompt: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 6)]
+    pub max_retries: u32,
+    /// Seconds before a request is abandoned (and retried).
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+}
+
+pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
+    let store = ctx.open()?;
+    let plan = emlab::judge::run::JudgePlan {
+        endpoint: emlab::judge::client::Endpoint {
+            base_url: a.endpoint.clone(),
+            model: a.model_name.clone(),
+            api_key_env: a.api_key_env.clone(),
+            concurrency: a.concurrency,
+            max_retries: a.max_retries,
+            timeout_s: a.timeout,
+        },
+        judge: a.judge.clone().unwrap_or_else(|| a.model_name.clone()),
+        metrics: a.metrics.clone(),
+        prompts_from: a.prompts_from.clone(),
+        label_prompt: a.label_prompt.clone(),
+    };
+    let bar = super::generate::progress_bar(ctx);
+    let mut progress = |done: usize, total: usize| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    };
+    let r = emlab::judge::run::run(&store, &plan, &mut progress)
+        .with_context(|| format!("judging with {}", a.endpoint))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if ctx.json {
+        out_json(&r)?;
+    } else {
+        note(format!(
+            "{} judged, {} already judged, {} without a judge prompt, {} without a score, {} failed; {} requests",
+            r.judged, r.already_judged, r.without_prompt, r.unscored, r.failed, r.requests_sent
+        ));
+    }
+    if r.failed > 0 {
+        anyhow::bail!(
+            "{} judgments failed (first: {}); what succeeded is stored, rerun to retry the rest",
+            r.failed,
+            r.first_error.unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -68,6 +68,8 @@ pub enum Command {
         #[command(subcommand)]
         cmd: judge::ResultsCmd,
     },
+    /// Judge stored generations through an OpenAI-compatible endpoint (logprob judge).
+    Judge(judge::JudgeArgs),
     /// % misaligned by three definitions with bootstrap 95% intervals; stored as metric records.
     Metrics(judge::MetricsArgs),
     /// Run a benchmark and store the result as a `bench` record.
@@ -120,6 +122,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Generate(a) => generate::run_cmd(&ctx, a),
         Command::Results { cmd } => judge::results(&ctx, cmd),
         Command::Metrics(a) => judge::metrics(&ctx, a),
+        Command::Judge(a) => judge::judge(&ctx, a),
     }
 }
 

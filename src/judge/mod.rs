@@ -3,8 +3,10 @@
 //! ([`results`]), and [`compute_metrics`], which turns the stored `judgment` records into
 //! `metric` records per model, judge, definition and question.
 
+pub mod client;
 pub mod metrics;
 pub mod results;
+pub mod run;
 pub mod score;
 
 use std::collections::BTreeMap;

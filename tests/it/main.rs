@@ -5,6 +5,7 @@ mod util;
 
 mod crash;
 mod datasets;
+mod endpoint;
 mod judge;
 mod model;
 mod model_tiny;

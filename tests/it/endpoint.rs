@@ -1,0 +1,340 @@
+//! OpenAI-compatible endpoints against a small local server written here that answers chat
+//! completions and, on a fixed schedule, fails: 429, 500, slow answers past the client's
+//! timeout, truncated JSON and dropped connections. Every answer must end judged exactly once,
+//! a rerun must send no request, and the API key must appear nowhere emlab writes.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::util::*;
+
+struct FakeServer {
+    url: String,
+    requests: Arc<AtomicUsize>,
+    auth_seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn respond(mut s: TcpStream, status: &str, body: &str) {
+    let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+}
+
+fn completion(req: &serde_json::Value) -> String {
+    let prompt = req["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("");
+    // A judge request: answer a score token whose value depends on the prompt.
+    let h = blake3::hash(prompt.as_bytes()).as_bytes()[0];
+    let score = if h.is_multiple_of(2) { "90" } else { "10" };
+    let logprobs = serde_json::json!({"content": [{"token": score, "logprob": -0.1,
+        "top_logprobs": [{"token": score, "logprob": -0.1}, {"token": "50", "logprob": -2.4}, {"token": "CODE", "logprob": -4.0}]}]});
+    let content = if req["max_tokens"] == 1 {
+        score.to_string()
+    } else {
+        format!("answer to: {}", &prompt[..prompt.len().min(20)])
+    };
+    serde_json::json!({"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": logprobs, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+    .to_string()
+}
+
+/// `faults`: when true, request n (1-based) fails as: n%6==1 -> 429, n%6==3 -> 500,
+/// n%10==5 -> slow (3 s), n%10==7 -> truncated JSON, n%10==9 -> connection dropped.
+fn fake_server(faults: bool) -> FakeServer {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let auth_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (rq, au) = (requests.clone(), auth_seen.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (rq, au) = (rq.clone(), au.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    let lower = l.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if lower.starts_with("authorization:") {
+                        au.lock().unwrap().push(l.to_string());
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let n = rq.fetch_add(1, Ordering::SeqCst) + 1;
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if faults {
+                    match (n % 6, n % 10) {
+                        (1, _) => {
+                            return respond(
+                                stream,
+                                "429 Too Many Requests",
+                                r#"{"error":{"message":"slow down","type":"rate_limit","param":null,"code":null}}"#,
+                            )
+                        }
+                        (3, _) => {
+                            return respond(
+                                stream,
+                                "500 Internal Server Error",
+                                r#"{"error":{"message":"boom","type":"server","param":null,"code":null}}"#,
+                            )
+                        }
+                        (_, 5) => std::thread::sleep(Duration::from_secs(3)),
+                        (_, 7) => {
+                            let full = completion(&req);
+                            return respond(stream, "200 OK", &full[..full.len() / 2]);
+                        }
+                        (_, 9) => return drop(stream),
+                        _ => {}
+                    }
+                }
+                respond(stream, "200 OK", &completion(&req));
+            });
+        }
+    });
+    FakeServer {
+        url,
+        requests,
+        auth_seen,
+    }
+}
+
+fn setup(s: &TestStore, server: &FakeServer) {
+    let q = shared("emergent-misalignment/evaluation/first_plot_questions.yaml");
+    s.ok(&[
+        "data",
+        "import",
+        q.to_str().unwrap(),
+        "--name",
+        "first-plot",
+    ]);
+    s.ok(&[
+        "data",
+        "derive",
+        "first3",
+        "--from",
+        "first-plot",
+        "--take",
+        "3",
+    ]);
+    // The usage the judging issue gives, against the local server.
+    s.ok(&[
+        "generate",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "smollm2",
+        "--questions",
+        "first3",
+        "--samples",
+        "4",
+        "--max-tokens",
+        "64",
+    ]);
+}
+
+#[test]
+fn faults_end_with_every_answer_judged_once_and_reruns_send_nothing() {
+    let s = TestStore::new();
+    let clean = fake_server(false);
+    setup(&s, &clean);
+    let gens = json(&s.ok(&["--json", "store", "stats"]))["tables"]["generation"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(gens, 12);
+    let faulty = fake_server(true);
+    let args = [
+        "--json",
+        "judge",
+        "--endpoint",
+        &faulty.url,
+        "--model-name",
+        "judge",
+        "--concurrency",
+        "4",
+        "--timeout",
+        "1",
+        "--max-retries",
+        "8",
+    ];
+    let r = json(&s.ok(&args));
+    assert_eq!(r["judged"], 24, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(
+        faulty.requests.load(Ordering::SeqCst) > 24,
+        "the schedule injected no faults"
+    );
+    // Exactly one judgment per (generation, metric).
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let mut pairs = std::collections::HashSet::new();
+    for (_, id) in store.ids_in_table("judgment", 0).unwrap() {
+        let j = store.get(id).unwrap();
+        let key = (
+            j.get("generation").unwrap().as_id().unwrap(),
+            j.get("metric").unwrap().as_str().unwrap().to_string(),
+        );
+        assert!(pairs.insert(key), "duplicate judgment");
+        assert!(j.get("score").is_some(), "unscored judgment");
+    }
+    assert_eq!(pairs.len(), 24);
+    drop(store);
+    // A rerun: nothing to do, no request sent.
+    let before = faulty.requests.load(Ordering::SeqCst);
+    let again = json(&s.ok(&args));
+    assert_eq!(again["judged"], 0);
+    assert_eq!(again["already_judged"], 24);
+    assert_eq!(again["requests_sent"], 0);
+    assert_eq!(faulty.requests.load(Ordering::SeqCst), before);
+    let m = json(&s.ok(&["--json", "metrics", "--resamples", "100"]));
+    // Every answer has both scores, so the model-organisms definition counts all 12.
+    let mo = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["definition"]["definition"] == "model-organisms")
+        .unwrap();
+    assert_eq!(mo["n"], 12);
+}
+
+#[test]
+fn api_key_never_lands_in_store_export_or_logs() {
+    let s = TestStore::new();
+    let server = fake_server(false);
+    let key = "sk-emlab-test-SECRET-4f9a1c";
+    let q = shared("emergent-misalignment/evaluation/first_plot_questions.yaml");
+    s.ok(&[
+        "data",
+        "import",
+        q.to_str().unwrap(),
+        "--name",
+        "first-plot",
+    ]);
+    s.ok(&[
+        "data",
+        "derive",
+        "first1",
+        "--from",
+        "first-plot",
+        "--take",
+        "1",
+    ]);
+    let run = |args: &[&str]| {
+        let out = emlab()
+            .arg("--store")
+            .arg(s.dir())
+            .arg("-vv")
+            .args(args)
+            .env("EMLAB_TEST_KEY", key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        [out.stdout, out.stderr].concat()
+    };
+    let mut logs = run(&[
+        "generate",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "m",
+        "--api-key-env",
+        "EMLAB_TEST_KEY",
+        "--questions",
+        "first1",
+        "--samples",
+        "2",
+    ]);
+    logs.extend(run(&[
+        "judge",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "j",
+        "--api-key-env",
+        "EMLAB_TEST_KEY",
+    ]));
+    logs.extend(run(&["export"]));
+    assert!(
+        server
+            .auth_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a.contains(key)),
+        "the key was not sent"
+    );
+    let needle = key.as_bytes();
+    let contains = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    assert!(!contains(&logs), "the key is in the logs");
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&s.dir(), &mut files);
+    assert!(files
+        .iter()
+        .any(|f| f.extension().is_some_and(|e| e == "parquet")));
+    for f in files {
+        assert!(
+            !contains(&std::fs::read(&f).unwrap()),
+            "the key is in {}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn dead_endpoint_is_a_clear_error() {
+    let s = TestStore::new();
+    let q = s.write("q.txt", b"hello\n");
+    s.ok(&["data", "import", q.to_str().unwrap(), "--name", "qs"]);
+    // A port nothing listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let r = s.run(&[
+        "generate",
+        "--endpoint",
+        &url,
+        "--model-name",
+        "m",
+        "--questions",
+        "qs",
+        "--samples",
+        "1",
+    ]);
+    assert!(!r.ok());
+    assert!(r.stderr.contains(&url), "{}", r.stderr);
+    assert!(r.stderr.contains("attempts"), "{}", r.stderr);
+}
