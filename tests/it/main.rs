@@ -7,6 +7,7 @@ mod crash;
 mod datasets;
 mod endpoint;
 mod judge;
+mod llama_server;
 mod model;
 mod model_tiny;
 mod schema;
