@@ -182,7 +182,15 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
         ct.tensor(&mut file, name, device)
             .map_err(|e| fmt(format!("tensor `{name}`: {e}")))
     };
-    let dense = |q: QTensor| -> Result<Tensor, ModelError> { Ok(q.dequantize(device)?) };
+    // Activations (and the small dense tensors: norms, biases) are f32 on the CPU and bf16 on
+    // CUDA; sampling dequantizes the matrices to the same dtype.
+    let act = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let dense =
+        |q: QTensor| -> Result<Tensor, ModelError> { Ok(q.dequantize(device)?.to_dtype(act)?) };
     let embed_q = Arc::new(qt("token_embd.weight")?);
     if embed_q.shape().dims() != [cfg.vocab, cfg.hidden] {
         return Err(ModelError::Mismatch {
@@ -239,7 +247,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
         .cloned()
         .unwrap_or_else(|| path.display().to_string());
     let record = model_record(&name, &cfg, &[path], &tokenizer)?;
-    let model = Model::new(cfg, w, device.clone(), DType::F32)?;
+    let model = Model::new(cfg, w, device.clone(), act)?;
     Ok(Loaded {
         model,
         tokenizer,
