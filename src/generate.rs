@@ -105,6 +105,83 @@ fn seed_of(base: u64, question: Id, paraphrase: usize, sample: usize) -> u64 {
     u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8]))
 }
 
+/// Plan every sample of a question set: stage the prompt conversations (written here), and
+/// return the samples not stored yet with the number planned. `render` turns a question's
+/// messages into the prompt text and tokens a local model sees (or nothing for an endpoint).
+#[allow(clippy::too_many_arguments)]
+fn plan_samples(
+    store: &Store,
+    set: &Record,
+    system: &Option<String>,
+    samples: usize,
+    base_seed: u64,
+    model_id: Id,
+    params_json: &serde_json::Value,
+    mut render: impl FnMut(&str, &[(String, String)]) -> Result<(String, Vec<u32>), GenerateError>,
+) -> Result<(Vec<Job>, usize), GenerateError> {
+    let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
+    let questions = store.get_many(&qids)?;
+    let mut jobs = Vec::new();
+    let mut batch = Batch::new();
+    let mut planned = 0;
+    for (qid, q) in qids.iter().zip(&questions) {
+        let qname = q
+            .get("qid")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let system = system
+            .clone()
+            .or_else(|| q.get("system").and_then(Value::as_str).map(str::to_string));
+        let paraphrases = q
+            .get("paraphrases")
+            .and_then(Value::as_list)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(Value::as_str);
+        for (pi, text) in paraphrases.enumerate() {
+            let mut messages = Vec::new();
+            if let Some(s) = &system {
+                messages.push(("system".to_string(), s.clone()));
+            }
+            messages.push(("user".to_string(), text.to_string()));
+            let mut msg_ids = Vec::new();
+            for (r, c) in &messages {
+                let m = Record::new(MESSAGE)
+                    .with("role", Value::str(r))
+                    .with("content", Value::str(c));
+                msg_ids.push(store.stage(&mut batch, &m)?);
+            }
+            let conv = store.stage(
+                &mut batch,
+                &Record::new(CONVERSATION).with("messages", Value::ids(msg_ids)),
+            )?;
+            let (rendered, tokens) = render(&qname, &messages)?;
+            for si in 0..samples {
+                planned += 1;
+                let seed = seed_of(base_seed, *qid, pi, si);
+                let key = key_of(model_id, conv, params_json, seed);
+                if store.alias(NS_GENERATION_KEY, &key)?.is_some() {
+                    continue;
+                }
+                jobs.push(Job {
+                    question: *qid,
+                    conv,
+                    messages: messages.clone(),
+                    rendered: rendered.clone(),
+                    tokens: tokens.clone(),
+                    paraphrase: pi,
+                    sample: si,
+                    seed,
+                    key,
+                });
+            }
+        }
+    }
+    store.write(batch)?;
+    Ok((jobs, planned))
+}
+
 /// Progress callback: (samples done, samples planned).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
@@ -140,99 +217,39 @@ pub fn run(
         .with("inputs", Value::ids([model_id, set_id]));
     let run_id = store.put(&run_rec)?;
 
-    // Plan every sample; skip those already stored.
-    let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
-    let questions = store.get_many(&qids)?;
-    let mut jobs: Vec<Job> = Vec::new();
-    let mut prompt_batch = Batch::new();
-    let mut planned = 0;
-    for (qid, q) in qids.iter().zip(&questions) {
-        let qname = q
-            .get("qid")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let system = plan
-            .system
-            .clone()
-            .or_else(|| q.get("system").and_then(Value::as_str).map(str::to_string));
-        let paraphrases: Vec<String> = q
-            .get("paraphrases")
-            .and_then(Value::as_list)
-            .unwrap_or(&[])
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect();
-        for (pi, text) in paraphrases.iter().enumerate() {
-            let mut messages = Vec::new();
-            if let Some(s) = &system {
-                messages.push(("system".to_string(), s.clone()));
-            }
-            messages.push(("user".to_string(), text.clone()));
-            let mut msg_ids = Vec::new();
-            for (r, c) in &messages {
-                msg_ids.push(
-                    store.stage(
-                        &mut prompt_batch,
-                        &Record::new(MESSAGE)
-                            .with("role", Value::str(r))
-                            .with("content", Value::str(c)),
-                    )?,
-                );
-            }
-            let conv = store.stage(
-                &mut prompt_batch,
-                &Record::new(CONVERSATION).with("messages", Value::ids(msg_ids)),
-            )?;
-            // The template may add a default system prompt (SmolLM2 does): the rendered text is
-            // what the model saw, so it is what gets recorded.
-            let rendered =
-                loaded
-                    .tokenizer
-                    .render(&messages, true)
-                    .map_err(|msg| GenerateError::Prompt {
-                        qid: qname.clone(),
-                        msg,
-                    })?;
-            let tokens =
-                loaded
-                    .tokenizer
-                    .encode(&rendered)
-                    .map_err(|msg| GenerateError::Prompt {
-                        qid: qname.clone(),
-                        msg,
-                    })?;
-            if tokens.len() + plan.params.max_tokens > loaded.model.cfg.max_seq {
+    // Plan every sample; skip those already stored. The template may add a default system
+    // prompt (SmolLM2 does): the rendered text is what the model saw, so it is recorded.
+    let max_new = plan.params.max_tokens;
+    let (jobs, planned) = plan_samples(
+        store,
+        &set,
+        &plan.system,
+        plan.samples,
+        plan.seed,
+        model_id,
+        &params_json,
+        |qname, messages| {
+            let prompt_err = |msg| GenerateError::Prompt {
+                qid: qname.to_string(),
+                msg,
+            };
+            let rendered = loaded
+                .tokenizer
+                .render(messages, true)
+                .map_err(prompt_err)?;
+            let tokens = loaded.tokenizer.encode(&rendered).map_err(prompt_err)?;
+            let limit = loaded.model.cfg.max_seq;
+            if tokens.len() + max_new > limit {
                 return Err(ModelError::TooLong {
                     tokens: tokens.len(),
-                    new: plan.params.max_tokens,
-                    limit: loaded.model.cfg.max_seq,
+                    new: max_new,
+                    limit,
                 }
                 .into());
             }
-            for si in 0..plan.samples {
-                planned += 1;
-                let seed = seed_of(plan.seed, *qid, pi, si);
-                let key = key_of(model_id, conv, &params_json, seed);
-                if store.alias(NS_GENERATION_KEY, &key)?.is_some() {
-                    continue;
-                }
-                jobs.push(Job {
-                    question: *qid,
-                    conv,
-                    messages: messages.clone(),
-                    rendered: rendered.clone(),
-                    tokens: tokens.clone(),
-                    paraphrase: pi,
-                    sample: si,
-                    seed,
-                    key,
-                });
-            }
-        }
-    }
-    store.write(prompt_batch)?;
+            Ok((rendered, tokens))
+        },
+    )?;
     let mut report = GenerateReport {
         model: model_id.to_hex(),
         run: run_id.to_hex(),
@@ -349,67 +366,17 @@ pub fn run_endpoint(
         .with("plan", Value::json(&json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoint.base_url})))
         .with("inputs", Value::ids([model_id, set_id]));
     let run_id = store.put(&run_rec)?;
-    let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
-    let questions = store.get_many(&qids)?;
-    let mut prompt_batch = Batch::new();
-    let mut jobs = Vec::new();
-    let mut planned = 0;
-    for (qid, q) in qids.iter().zip(&questions) {
-        let system = plan
-            .system
-            .clone()
-            .or_else(|| q.get("system").and_then(Value::as_str).map(str::to_string));
-        let paraphrases: Vec<String> = q
-            .get("paraphrases")
-            .and_then(Value::as_list)
-            .unwrap_or(&[])
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect();
-        for (pi, text) in paraphrases.iter().enumerate() {
-            let mut messages = Vec::new();
-            if let Some(s) = &system {
-                messages.push(("system".to_string(), s.clone()));
-            }
-            messages.push(("user".to_string(), text.clone()));
-            let mut msg_ids = Vec::new();
-            for (r, c) in &messages {
-                msg_ids.push(
-                    store.stage(
-                        &mut prompt_batch,
-                        &Record::new(MESSAGE)
-                            .with("role", Value::str(r))
-                            .with("content", Value::str(c)),
-                    )?,
-                );
-            }
-            let conv = store.stage(
-                &mut prompt_batch,
-                &Record::new(CONVERSATION).with("messages", Value::ids(msg_ids)),
-            )?;
-            for si in 0..plan.samples {
-                planned += 1;
-                let seed = seed_of(plan.seed, *qid, pi, si);
-                let key = key_of(model_id, conv, &params_json, seed);
-                if store.alias(NS_GENERATION_KEY, &key)?.is_some() {
-                    continue;
-                }
-                jobs.push(Job {
-                    question: *qid,
-                    conv,
-                    messages: messages.clone(),
-                    rendered: String::new(),
-                    tokens: Vec::new(),
-                    paraphrase: pi,
-                    sample: si,
-                    seed,
-                    key,
-                });
-            }
-        }
-    }
-    store.write(prompt_batch)?;
+    // The server renders the template: nothing to render or count here.
+    let (jobs, planned) = plan_samples(
+        store,
+        &set,
+        &plan.system,
+        plan.samples,
+        plan.seed,
+        model_id,
+        &params_json,
+        |_, _| Ok((String::new(), Vec::new())),
+    )?;
     let mut report = GenerateReport {
         model: model_id.to_hex(),
         run: run_id.to_hex(),
