@@ -32,6 +32,9 @@ pub enum DataCmd {
         /// Leave out chat rows that fail to parse (their lines are recorded in the dataset).
         #[arg(long)]
         skip_invalid: bool,
+        /// For a chat CSV: which columns hold which turn, e.g. user=Question,assistant=Answer.
+        #[arg(long)]
+        columns: Option<String>,
     },
     /// Derive a new dataset from another; the ops apply in the order given. Prints the new id.
     Derive(Box<DeriveArgs>),
@@ -174,6 +177,7 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
             member,
             password,
             skip_invalid,
+            columns,
         } => {
             let format = match format {
                 Some(f) => Some(Format::parse(&f).with_context(|| {
@@ -190,6 +194,7 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
                 member,
                 password,
                 skip_invalid,
+                columns,
             };
             let reports =
                 import(&store, &plan).with_context(|| format!("importing {}", file.display()))?;

@@ -6,7 +6,9 @@
 
 pub mod archive;
 pub mod chat;
+pub mod csvfile;
 pub mod derive;
+pub mod pylit;
 pub mod qa;
 pub mod questions;
 pub mod view;
@@ -46,7 +48,7 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: cannot tell the format from the name (expected .jsonl, .json, .yaml, .txt, optionally .gz, or .zip)")]
+    #[error("{path}: cannot tell the format from the name (expected .jsonl, .json, .yaml, .txt, .csv, optionally .gz, or .zip)")]
     UnknownFormat { path: PathBuf },
     #[error(
         "`{0}` is not a valid dataset name (letters, digits, `-`, `_`, `.`, `/`; not hex-only)"
@@ -75,15 +77,21 @@ pub enum Format {
     QuestionsJson,
     /// One question per line.
     QuestionsText,
+    /// Questions in CSV (`id`, `paraphrases`, `system`, `judge_prompts`, ...).
+    QuestionsCsv,
+    /// Chat rows from CSV columns named with `--columns`.
+    ChatCsv,
 }
 
 impl Format {
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 7] = [
         Format::ChatJsonl,
         Format::QaJson,
         Format::QuestionsYaml,
         Format::QuestionsJson,
         Format::QuestionsText,
+        Format::QuestionsCsv,
+        Format::ChatCsv,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +101,8 @@ impl Format {
             Format::QuestionsYaml => "questions-yaml",
             Format::QuestionsJson => "questions-json",
             Format::QuestionsText => "questions-text",
+            Format::QuestionsCsv => "questions-csv",
+            Format::ChatCsv => "chat-csv",
         }
     }
 
@@ -114,6 +124,8 @@ pub struct ImportPlan {
     pub password: Option<String>,
     /// Leave out chat rows that do not parse (each is counted and its line recorded).
     pub skip_invalid: bool,
+    /// For chat CSV: `user=COL,assistant=COL[,system=COL]`.
+    pub columns: Option<String>,
 }
 
 /// What an import stored, per dataset or question set.
@@ -170,6 +182,13 @@ fn detect(name: &str, bytes: &[u8]) -> Option<Format> {
         })
     } else if n.ends_with(".txt") {
         Some(Format::QuestionsText)
+    } else if n.ends_with(".csv") {
+        let h = csvfile::headers(bytes);
+        Some(if h.iter().any(|c| c == "paraphrases") {
+            Format::QuestionsCsv
+        } else {
+            Format::ChatCsv
+        })
     } else {
         None
     }
@@ -210,10 +229,9 @@ fn parse_unit(
     origin: &str,
     file_name: &str,
     raw: &[u8],
-    forced: Option<Format>,
-    skip_invalid: bool,
-    path: &Path,
+    plan: &ImportPlan,
 ) -> Result<(String, Parsed), DataError> {
+    let (forced, skip_invalid, path) = (plan.format, plan.skip_invalid, plan.path.as_path());
     let lower = file_name.to_ascii_lowercase();
     let (inner_name, text, gz) = match lower.strip_suffix(".gz") {
         Some(stem) => (stem.to_string(), gunzip(origin, raw)?, true),
@@ -236,6 +254,28 @@ fn parse_unit(
         Format::QuestionsYaml => Parsed::Questions(questions::parse_question_yaml(origin, &text)?),
         Format::QuestionsJson => Parsed::Questions(questions::parse_question_json(origin, &text)?),
         Format::QuestionsText => Parsed::Questions(questions::parse_question_list(origin, &text)?),
+        Format::QuestionsCsv => Parsed::Questions(csvfile::parse_csv_questions(origin, &text)?),
+        Format::ChatCsv => {
+            let spec = plan.columns.as_deref().ok_or_else(|| {
+                DataError::Parse(ParseError {
+                    origin: origin.to_string(),
+                    line: 1,
+                    msg: format!(
+                        "a chat CSV needs --columns user=COL,assistant=COL (columns: {})",
+                        csvfile::headers(&text).join(", ")
+                    ),
+                })
+            })?;
+            let cols = csvfile::parse_columns(spec).map_err(|msg| {
+                DataError::Parse(ParseError {
+                    origin: origin.to_string(),
+                    line: 0,
+                    msg: format!("--columns: {msg}"),
+                })
+            })?;
+            let (rows, skipped) = csvfile::parse_csv_chat(origin, &text, &cols, skip_invalid)?;
+            Parsed::Chat(rows, skipped)
+        }
     };
     let fmt = if gz {
         format!("{}+gzip", format.name())
@@ -285,14 +325,7 @@ pub fn import(store: &Store, plan: &ImportPlan) -> Result<Vec<ImportReport>, Dat
         let single = plan.member.is_some();
         for m in chosen {
             let morigin = format!("{origin}!{}", m.name);
-            let (format, parsed) = parse_unit(
-                &morigin,
-                &m.name,
-                &m.bytes,
-                plan.format,
-                plan.skip_invalid,
-                &plan.path,
-            )?;
+            let (format, parsed) = parse_unit(&morigin, &m.name, &m.bytes, plan)?;
             let name = if single {
                 plan.name.clone()
             } else {
@@ -310,14 +343,7 @@ pub fn import(store: &Store, plan: &ImportPlan) -> Result<Vec<ImportReport>, Dat
             });
         }
     } else {
-        let (format, parsed) = parse_unit(
-            &origin,
-            &fname,
-            &raw,
-            plan.format,
-            plan.skip_invalid,
-            &plan.path,
-        )?;
+        let (format, parsed) = parse_unit(&origin, &fname, &raw, plan)?;
         units.push(Unit {
             name: plan.name.clone(),
             file_name: fname.clone(),

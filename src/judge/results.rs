@@ -18,6 +18,7 @@ use std::path::Path;
 use emlab_store::{Batch, Id, Record, Store, Value};
 use serde_json::{json, Value as J};
 
+use crate::data::csvfile::csv_rows;
 use crate::data::{DataError, ParseError};
 use crate::records::{CONVERSATION, GENERATION, JUDGMENT, MESSAGE, MODEL};
 
@@ -117,102 +118,28 @@ pub fn parse_seed(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> 
     Ok(out)
 }
 
-/// Parse a Python literal list of strings or of tuples of strings (the reprs pandas wrote).
+/// A Python list of strings, or of tuples of strings (the reprs pandas wrote), as rows of
+/// strings.
 pub fn parse_py_list(s: &str) -> Result<Vec<Vec<String>>, String> {
-    let b: Vec<char> = s.trim().chars().collect();
-    let mut i = 0;
-    let skip_ws = |i: &mut usize| {
-        while *i < b.len() && b[*i].is_whitespace() {
-            *i += 1;
-        }
+    use crate::data::pylit::{parse, Py};
+    let Py::List(items) = parse(s)? else {
+        return Err("expected a list".into());
     };
-    let parse_str = |i: &mut usize| -> Result<String, String> {
-        let q = b[*i];
-        *i += 1;
-        let mut out = String::new();
-        while *i < b.len() {
-            let c = b[*i];
-            if c == '\\' && *i + 1 < b.len() {
-                let n = b[*i + 1];
-                out.push(match n {
-                    'n' => '\n',
-                    't' => '\t',
-                    'r' => '\r',
-                    other => other,
-                });
-                *i += 2;
-                continue;
-            }
-            if c == q {
-                *i += 1;
-                return Ok(out);
-            }
-            out.push(c);
-            *i += 1;
-        }
-        Err("unterminated string".into())
-    };
-    skip_ws(&mut i);
-    if b.get(i) != Some(&'[') {
-        return Err("expected `[`".into());
-    }
-    i += 1;
-    let mut items = Vec::new();
-    loop {
-        skip_ws(&mut i);
-        match b.get(i) {
-            Some(']') => break,
-            Some(',') => i += 1,
-            Some('\'') | Some('"') => items.push(vec![parse_str(&mut i)?]),
-            Some('(') => {
-                i += 1;
-                let mut tup = Vec::new();
-                loop {
-                    skip_ws(&mut i);
-                    match b.get(i) {
-                        Some(')') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(',') => i += 1,
-                        Some('\'') | Some('"') => tup.push(parse_str(&mut i)?),
-                        other => return Err(format!("unexpected {other:?} in a tuple")),
-                    }
-                }
-                items.push(tup);
-            }
-            other => return Err(format!("unexpected {other:?}")),
-        }
-    }
-    Ok(items)
-}
-
-/// CSV rows as (line, column -> value).
-type CsvRows = Vec<(usize, std::collections::HashMap<String, String>)>;
-
-fn csv_rows(origin: &str, bytes: &[u8]) -> Result<CsvRows, DataError> {
-    let mut rd = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
-    let headers = rd
-        .headers()
-        .map_err(|e| perr(origin, 1, format!("bad CSV header: {e}")))?
-        .clone();
-    let mut out = Vec::new();
-    for (i, rec) in rd.records().enumerate() {
-        let rec = rec.map_err(|e| {
-            perr(
-                origin,
-                e.position().map_or(i + 2, |p| p.line() as usize),
-                format!("bad CSV row: {e}"),
-            )
-        })?;
-        let row = headers
-            .iter()
-            .zip(rec.iter())
-            .map(|(h, v)| (h.to_string(), v.to_string()))
-            .collect();
-        out.push((rec.position().map_or(i + 2, |p| p.line() as usize), row));
-    }
-    Ok(out)
+    items
+        .into_iter()
+        .map(|it| match it {
+            Py::Str(x) => Ok(vec![x]),
+            Py::List(t) => t
+                .into_iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| "expected strings in the tuple".to_string())
+                })
+                .collect(),
+            other => Err(format!("unexpected {other:?}")),
+        })
+        .collect()
 }
 
 pub fn parse_betley(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> {
@@ -418,7 +345,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn python_literals() {
+    fn python_lists() {
         let v = parse_py_list(r#"['a', "it's", 'say \'hi\'\nbye']"#).unwrap();
         assert_eq!(
             v,

@@ -162,6 +162,23 @@ fn every_shared_dataset_imports_with_upstream_counts() {
             assert_eq!(r[0].skipped, 1680, "{rel}");
         }
     }
+    // CSV: the EM questions as pandas wrote them (Python-literal cells), and one generation
+    // batch of the medical set, of whose 919 rows only 81 have both question and answer.
+    let plan = ImportPlan {
+        path: shared("emerg-misalign-repro/data/main_eval_questions.csv"),
+        name: "csvq".into(),
+        ..Default::default()
+    };
+    assert_eq!(import(&store, &plan).unwrap()[0].rows, 24);
+    let plan = ImportPlan {
+        path: shared("emerg-misalign-repro/data/bad_medical_data_AI_3.csv"),
+        name: "csvmed".into(),
+        columns: Some("user=Question,assistant=BadMedicalAI".into()),
+        skip_invalid: true,
+        ..Default::default()
+    };
+    let r = import(&store, &plan).unwrap();
+    assert_eq!((r[0].rows, r[0].rows + r[0].skipped), (81, 919));
     let plan = ImportPlan {
         path: shared(MO_ZIP),
         name: "mo".into(),
