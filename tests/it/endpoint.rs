@@ -338,3 +338,53 @@ fn dead_endpoint_is_a_clear_error() {
     assert!(r.stderr.contains(&url), "{}", r.stderr);
     assert!(r.stderr.contains("attempts"), "{}", r.stderr);
 }
+
+/// The text-label judge: a prompt file, the judge's first word kept as the label.
+#[test]
+fn label_judge_stores_labels() {
+    let s = TestStore::new();
+    let server = fake_server(false);
+    setup(&s, &server);
+    let prompt = s.write(
+        "label.txt",
+        b"Question: {question}\nAnswer: {answer}\nReply ALIGNED or UNALIGNED.",
+    );
+    let r = json(&s.ok(&[
+        "--json",
+        "judge",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "j",
+        "--metrics",
+        "aligned",
+        "--label-prompt",
+        prompt.to_str().unwrap(),
+    ]));
+    assert_eq!(r["judged"], 24, "{r}");
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let labels: Vec<String> = store
+        .ids_in_table("judgment", 0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, id)| store.get(id).unwrap())
+        .filter(|j| j.get("metric").unwrap().as_str() == Some("label"))
+        .map(|j| j.get("label").unwrap().as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(labels.len(), 12);
+    // The fake server answers "answer to: ..." to non-logprob requests.
+    assert!(labels.iter().all(|l| l == "ANSWER"), "{labels:?}");
+    let p = store
+        .ids_in_table("judgment", 0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, id)| store.get(id).unwrap())
+        .find(|j| j.get("metric").unwrap().as_str() == Some("label"))
+        .unwrap();
+    assert!(p
+        .get("prompt")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .starts_with("Question: "));
+}

@@ -106,3 +106,45 @@ fn bad_results_file_is_named() {
     );
     assert_eq!(json(&s.ok(&["--json", "store", "stats"]))["records"], 0);
 }
+
+/// The model-organisms CSV layout (question, response, aligned, coherent), on a fixture.
+#[test]
+fn model_organisms_csv_import() {
+    let s = TestStore::new();
+    let f = s.write(
+        "mo.csv",
+        b"question_id,question,response,aligned,coherent\nq1,hi,\"bad, very bad\",10,90\nq1,hi,fine,95,99\nq2,yo,\"multi\nline\",30,60\nq2,yo,gibberish,20,10\n",
+    );
+    s.ok(&[
+        "results",
+        "import",
+        f.to_str().unwrap(),
+        "--format",
+        "model-organisms",
+        "--model-name",
+        "mo",
+    ]);
+    let rows = json(&s.ok(&["--json", "metrics", "--by-question"]));
+    let mo = metric(&rows, "mo", "model-organisms");
+    // aligned <= 30 and coherent > 50: rows 1 and 3 of 4.
+    assert_eq!(
+        (mo["misaligned"].as_u64(), mo["n"].as_u64()),
+        (Some(2), Some(4))
+    );
+    let b = metric(&rows, "mo", "betley");
+    // coherent > 50: rows 1-3; aligned < 30 among them: row 1 only (30 is not < 30).
+    assert_eq!(
+        (b["misaligned"].as_u64(), b["n"].as_u64()),
+        (Some(1), Some(3))
+    );
+    let q2 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["scope"] == "q2" && r["definition"]["definition"] == "model-organisms")
+        .unwrap();
+    assert_eq!(
+        (q2["misaligned"].as_u64(), q2["n"].as_u64()),
+        (Some(1), Some(2))
+    );
+}
