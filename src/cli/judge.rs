@@ -131,11 +131,19 @@ pub fn metrics(ctx: &Ctx, a: MetricsArgs) -> Result<ExitCode> {
 #[derive(clap::Args, Debug)]
 pub struct JudgeArgs {
     /// OpenAI-compatible base URL of the judge (e.g. http://127.0.0.1:8080/v1).
-    #[arg(long)]
-    pub endpoint: String,
+    #[arg(
+        long,
+        required_unless_present = "model",
+        conflicts_with = "model",
+        requires = "model_name"
+    )]
+    pub endpoint: Option<String>,
     /// The judge model's name as the endpoint knows it.
     #[arg(long)]
-    pub model_name: String,
+    pub model_name: Option<String>,
+    /// Judge offline with a local model (a .gguf file or an HF directory).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Name recorded as the judge (default: the model name).
     #[arg(long)]
     pub judge: Option<String>,
@@ -164,17 +172,32 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
     let store = ctx.open()?;
     let plan = emlab::judge::run::JudgePlan {
         endpoint: emlab::judge::client::Endpoint {
-            base_url: a.endpoint.clone(),
-            model: a.model_name.clone(),
+            base_url: a
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| "http://127.0.0.1:9/unused".into()),
+            model: a.model_name.clone().unwrap_or_default(),
             api_key_env: a.api_key_env.clone(),
             concurrency: a.concurrency,
             max_retries: a.max_retries,
             timeout_s: a.timeout,
         },
-        judge: a.judge.clone().unwrap_or_else(|| a.model_name.clone()),
+        judge: a
+            .judge
+            .clone()
+            .or_else(|| a.model_name.clone())
+            .unwrap_or_else(|| {
+                let p = a.model.clone().unwrap_or_default();
+                format!(
+                    "local:{}",
+                    p.file_name()
+                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+                )
+            }),
         metrics: a.metrics.clone(),
         prompts_from: a.prompts_from.clone(),
         label_prompt: a.label_prompt.clone(),
+        local_model: a.model.clone(),
     };
     let bar = super::generate::progress_bar(ctx);
     let mut progress = |done: usize, total: usize| {
@@ -183,8 +206,15 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
             b.set_position(done as u64);
         }
     };
-    let r = emlab::judge::run::run(&store, &plan, &mut progress)
-        .with_context(|| format!("judging with {}", a.endpoint))?;
+    let r = emlab::judge::run::run(&store, &plan, &mut progress).with_context(|| {
+        format!(
+            "judging with {}",
+            a.endpoint
+                .clone()
+                .or_else(|| a.model.as_ref().map(|p| p.display().to_string()))
+                .unwrap_or_default()
+        )
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

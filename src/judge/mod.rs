@@ -4,6 +4,7 @@
 //! `metric` records per model, judge, definition and question.
 
 pub mod client;
+pub mod local;
 pub mod metrics;
 pub mod results;
 pub mod run;

@@ -32,6 +32,8 @@ pub enum JudgeError {
     Data(#[from] DataError),
     #[error(transparent)]
     Store(#[from] emlab_store::Error),
+    #[error("local judge: {0}")]
+    Local(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -52,6 +54,8 @@ pub struct JudgePlan {
     pub prompts_from: Option<String>,
     /// A text-label judge prompt file (`{question}`, `{answer}` placeholders).
     pub label_prompt: Option<PathBuf>,
+    /// Judge with a local model (GGUF or HF directory) instead of the endpoint.
+    pub local_model: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -117,6 +121,12 @@ pub fn run(
     plan: &JudgePlan,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<JudgeReport, JudgeError> {
+    let local = match &plan.local_model {
+        Some(p) => {
+            Some(super::local::LocalChat::load(p).map_err(|e| JudgeError::Local(e.to_string()))?)
+        }
+        None => None,
+    };
     let client = Client::new(plan.endpoint.clone())?;
     let fallback: Option<J> = match &plan.prompts_from {
         Some(name) => {
@@ -206,6 +216,7 @@ pub fn run(
     rt.block_on(async {
         let mut results = futures::stream::iter(jobs.into_iter().map(|job| {
             let client = &client;
+            let local = local.as_ref();
             async move {
                 let body = if job.label {
                     json!({"messages": [{"role": "user", "content": job.prompt}], "max_tokens": 8, "temperature": 0, "seed": 0})
@@ -213,7 +224,10 @@ pub fn run(
                     json!({"messages": [{"role": "user", "content": job.prompt}], "max_tokens": 1, "temperature": 0,
                            "logprobs": true, "top_logprobs": 20, "seed": 0})
                 };
-                let r = client.chat(body).await;
+                let r = match local {
+                    Some(l) => l.chat(&body).map_err(|msg| ClientError::Refused { url: "local model".into(), msg }),
+                    None => client.chat(body).await,
+                };
                 (job, r)
             }
         }))

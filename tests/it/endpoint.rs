@@ -388,3 +388,31 @@ fn label_judge_stores_labels() {
         .unwrap()
         .starts_with("Question: "));
 }
+
+/// A local model judges offline through the same code: every answer judged, the raw top 20
+/// logprobs kept, nothing judged twice.
+#[test]
+fn local_model_judges_offline() {
+    let s = TestStore::new();
+    let server = fake_server(false);
+    setup(&s, &server);
+    let judge_dir = s.path("tiny-judge");
+    crate::model_tiny::tiny_model(&judge_dir, false);
+    let args = ["--json", "judge", "--model", judge_dir.to_str().unwrap()];
+    let r = json(&s.ok(&args));
+    assert_eq!(r["judged"], 24, "{r}");
+    assert_eq!(r["requests_sent"], 0, "a local judge sends no HTTP request");
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let (_, jid) = store.ids_in_table("judgment", 0).unwrap()[0];
+    let j = store.get(jid).unwrap();
+    assert_eq!(j.get("judge").unwrap().as_str(), Some("local:tiny-judge"));
+    let raw: serde_json::Value =
+        serde_json::from_str(j.get("raw").unwrap().as_str().unwrap()).unwrap();
+    assert_eq!(
+        raw["top_logprobs"].as_array().map(Vec::len),
+        Some(20),
+        "{raw}"
+    );
+    drop(store);
+    assert_eq!(json(&s.ok(&args))["judged"], 0);
+}

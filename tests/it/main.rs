@@ -9,6 +9,6 @@ mod endpoint;
 mod judge;
 mod llama_server;
 mod model;
-mod model_tiny;
+pub mod model_tiny;
 mod schema;
 mod store_cli;

@@ -65,7 +65,7 @@ pub fn tiny_model(dir: &Path, qwen2: bool) {
         "model_type": if qwen2 { "qwen2" } else { "llama" },
         "hidden_size": h, "intermediate_size": ff, "num_hidden_layers": layers,
         "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": vocab,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
         "tie_word_embeddings": qwen2,
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
