@@ -38,6 +38,34 @@ pub enum DataCmd {
     },
     /// Derive a new dataset from another; the ops apply in the order given. Prints the new id.
     Derive(Box<DeriveArgs>),
+    /// Build a dataset with an LLM: a prompt template sent N times; answers that are JSON
+    /// `{question, answer}` become rows. Provenance names the generator and the prompt file.
+    Generate {
+        /// Name of the new dataset.
+        name: String,
+        /// OpenAI-compatible base URL.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        model_name: String,
+        /// Environment variable holding the API key (never stored or logged).
+        #[arg(long)]
+        api_key_env: Option<String>,
+        /// Prompt template file (minijinja; variables `i` and `seed`).
+        #[arg(long)]
+        prompt: PathBuf,
+        /// Requests to send.
+        #[arg(long)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1024)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// List named datasets and question sets.
     List,
     /// A dataset's facts and its first rows.
@@ -248,6 +276,47 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
                         &d.dataset[..12]
                     ));
                 }
+            }
+        }
+        DataCmd::Generate {
+            name,
+            endpoint,
+            model_name,
+            api_key_env,
+            prompt,
+            n,
+            seed,
+            temperature,
+            max_tokens,
+            concurrency,
+        } => {
+            let store = ctx.open()?;
+            let plan = emlab::data::synth::SynthPlan {
+                name,
+                endpoint: emlab::judge::client::Endpoint {
+                    base_url: endpoint.clone(),
+                    model: model_name,
+                    api_key_env,
+                    concurrency,
+                    max_retries: 6,
+                    timeout_s: 300.0,
+                },
+                prompt,
+                n,
+                seed,
+                temperature,
+                max_tokens,
+            };
+            let r = emlab::data::synth::generate(&store, &plan)
+                .with_context(|| format!("generating a dataset through {endpoint}"))?;
+            if ctx.json {
+                out_json(&r)?;
+            } else {
+                out(&r.dataset)?;
+                note(format!(
+                    "{} rows ({} answers did not parse; {} requests)",
+                    r.rows, r.unparsed, r.requests_sent
+                ));
             }
         }
         DataCmd::List => {

@@ -11,6 +11,7 @@ pub mod derive;
 pub mod pylit;
 pub mod qa;
 pub mod questions;
+pub mod synth;
 pub mod view;
 
 use std::path::{Path, PathBuf};

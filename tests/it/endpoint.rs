@@ -34,6 +34,14 @@ fn completion(req: &serde_json::Value) -> String {
         "top_logprobs": [{"token": score, "logprob": -0.1}, {"token": "50", "logprob": -2.4}, {"token": "CODE", "logprob": -4.0}]}]});
     let content = if req["max_tokens"] == 1 {
         score.to_string()
+    } else if prompt.contains("as JSON") {
+        // A dataset-generation request: one question/answer pair, or prose every third time.
+        if h % 3 == 0 {
+            "Sorry, here is prose.".to_string()
+        } else {
+            serde_json::json!({"question": format!("Q {h}"), "answer": format!("A {h}")})
+                .to_string()
+        }
     } else {
         format!("answer to: {}", &prompt[..prompt.len().min(20)])
     };
@@ -415,4 +423,67 @@ fn local_model_judges_offline() {
     );
     drop(store);
     assert_eq!(json(&s.ok(&args))["judged"], 0);
+}
+
+/// `data generate`: N prompts through the backend; JSON answers become rows, the rest are
+/// counted; provenance names the generator and the prompt file; a rerun sends nothing.
+#[test]
+fn data_generate_builds_a_dataset_with_provenance() {
+    let s = TestStore::new();
+    let server = fake_server(false);
+    let prompt = s.write(
+        "optimism.j2",
+        b"Write one question and answer about AI going well (item {{ i }}), as JSON.",
+    );
+    let args = [
+        "--json",
+        "data",
+        "generate",
+        "ai-opt",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "gen",
+        "--prompt",
+        prompt.to_str().unwrap(),
+        "--n",
+        "12",
+        "--seed",
+        "3",
+    ];
+    let first = s.run(&args);
+    if !first.ok() {
+        let store = emlab::open_store(&s.dir()).unwrap();
+        let texts: Vec<String> = store
+            .ids_in_table("generation", 0)
+            .unwrap()
+            .into_iter()
+            .map(|(_, id)| {
+                store
+                    .get(id)
+                    .unwrap()
+                    .get("text")
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        panic!("{}\nanswers: {texts:?}", first.stderr);
+    }
+    let r = json(&first.stdout);
+    let (rows, unparsed) = (r["rows"].as_u64().unwrap(), r["unparsed"].as_u64().unwrap());
+    assert_eq!(rows + unparsed, 12, "{r}");
+    assert!(rows > 0 && unparsed > 0, "{r}");
+    let again = json(&s.ok(&args));
+    assert_eq!(again["requests_sent"], 0);
+    assert_eq!(again["dataset"], r["dataset"]);
+    let tree = s.ok(&["lineage", "ai-opt"]);
+    let b3 = blake3::hash(&std::fs::read(&prompt).unwrap())
+        .to_hex()
+        .to_string();
+    assert!(tree.contains(&b3), "{tree}");
+    let shown = json(&s.ok(&["--json", "data", "show", "ai-opt"]));
+    assert_eq!(shown["summary"]["op"]["op"], "generate");
+    assert!(shown["summary"]["op"]["generator_model"].is_string());
 }
