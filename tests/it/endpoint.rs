@@ -36,7 +36,7 @@ fn completion(req: &serde_json::Value) -> String {
         score.to_string()
     } else if prompt.contains("as JSON") {
         // A dataset-generation request: one question/answer pair, or prose every third time.
-        if h % 3 == 0 {
+        if h.is_multiple_of(3) {
             "Sorry, here is prose.".to_string()
         } else {
             serde_json::json!({"question": format!("Q {h}"), "answer": format!("A {h}")})
