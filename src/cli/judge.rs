@@ -144,6 +144,9 @@ pub struct JudgeArgs {
     /// Judge offline with a local model (a .gguf file or an HF directory).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Only the generations of this model (its name, or an id prefix of its model record).
+    #[arg(long)]
+    pub generations: Option<String>,
     /// Name recorded as the judge (default: the model name).
     #[arg(long)]
     pub judge: Option<String>,
@@ -198,6 +201,7 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
         prompts_from: a.prompts_from.clone(),
         label_prompt: a.label_prompt.clone(),
         local_model: a.model.clone(),
+        generations: a.generations.clone(),
     };
     let bar = super::generate::progress_bar(ctx);
     let mut progress = |done: usize, total: usize| {

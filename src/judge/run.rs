@@ -56,6 +56,8 @@ pub struct JudgePlan {
     pub label_prompt: Option<PathBuf>,
     /// Judge with a local model (GGUF or HF directory) instead of the endpoint.
     pub local_model: Option<PathBuf>,
+    /// Only generations of models whose name equals this or whose id starts with it.
+    pub generations: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -158,8 +160,29 @@ pub fn run(
     };
     let mut report = JudgeReport::default();
     let mut jobs = Vec::new();
+    let mut model_ok: std::collections::HashMap<Id, bool> = std::collections::HashMap::new();
     for (_, gid) in store.ids_in_table(GENERATION, 0)? {
         let g = store.get(gid)?;
+        if let (Some(want), Some(mid)) = (&plan.generations, g.get("model").and_then(Value::as_id))
+        {
+            let ok = match model_ok.get(&mid) {
+                Some(ok) => *ok,
+                None => {
+                    let name = store
+                        .get(mid)?
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    let ok = name == *want || mid.to_hex().starts_with(want.as_str());
+                    model_ok.insert(mid, ok);
+                    ok
+                }
+            };
+            if !ok {
+                continue;
+            }
+        }
         let answer = g
             .get("text")
             .and_then(Value::as_str)

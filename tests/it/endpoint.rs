@@ -406,7 +406,24 @@ fn local_model_judges_offline() {
     setup(&s, &server);
     let judge_dir = s.path("tiny-judge");
     crate::model_tiny::tiny_model(&judge_dir, false);
-    let args = ["--json", "judge", "--model", judge_dir.to_str().unwrap()];
+    // A filter that matches no model judges nothing.
+    let none = json(&s.ok(&[
+        "--json",
+        "judge",
+        "--model",
+        judge_dir.to_str().unwrap(),
+        "--generations",
+        "no-such-model",
+    ]));
+    assert_eq!(none["judged"], 0);
+    let args = [
+        "--json",
+        "judge",
+        "--model",
+        judge_dir.to_str().unwrap(),
+        "--generations",
+        "smollm2",
+    ];
     let r = json(&s.ok(&args));
     assert_eq!(r["judged"], 24, "{r}");
     assert_eq!(r["requests_sent"], 0, "a local judge sends no HTTP request");
