@@ -182,6 +182,16 @@ fn plan_samples(
     Ok((jobs, planned))
 }
 
+/// The question set a name or id points at (its id and record).
+fn question_set(store: &Store, name: &str) -> Result<(Id, Record), GenerateError> {
+    let id = resolve_dataset(store, name)?;
+    let set = store.get(id)?;
+    if set.table != QUESTION_SET {
+        return Err(GenerateError::NotQuestions(name.to_string()));
+    }
+    Ok((id, set))
+}
+
 /// Progress callback: (samples done, samples planned).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
@@ -190,11 +200,7 @@ pub fn run(
     plan: &GeneratePlan,
     progress: Progress<'_>,
 ) -> Result<GenerateReport, GenerateError> {
-    let set_id = resolve_dataset(store, &plan.questions)?;
-    let set = store.get(set_id)?;
-    if set.table != QUESTION_SET {
-        return Err(GenerateError::NotQuestions(plan.questions.clone()));
-    }
+    let (set_id, set) = question_set(store, &plan.questions)?;
     let device = crate::model::device();
     let mut loaded: Loaded = crate::model::load(&plan.model, &device)?;
     if !plan.keep_quantized {
@@ -342,11 +348,7 @@ pub fn run_endpoint(
     progress: Progress<'_>,
 ) -> Result<GenerateReport, GenerateError> {
     use futures::StreamExt;
-    let set_id = resolve_dataset(store, &plan.questions)?;
-    let set = store.get(set_id)?;
-    if set.table != QUESTION_SET {
-        return Err(GenerateError::NotQuestions(plan.questions.clone()));
-    }
+    let (set_id, set) = question_set(store, &plan.questions)?;
     let client =
         crate::judge::client::Client::new(plan.endpoint.clone()).map_err(GenerateError::Client)?;
     let model_rec = Record::new(crate::records::MODEL)

@@ -143,6 +143,46 @@ pub struct ImportReport {
     pub existing_records: usize,
 }
 
+/// A file holding one top-level JSON array (`expected` says of what, for the error): its
+/// entries. BOM and surrounding whitespace are allowed; empty input or `[]` is `Empty`.
+pub(crate) fn json_array_entries(
+    origin: &str,
+    bytes: &[u8],
+    expected: &str,
+) -> Result<Vec<serde_json::Value>, DataError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(DataError::Empty(origin.to_string()));
+    }
+    let perr = |line, msg| {
+        DataError::Parse(ParseError {
+            origin: origin.to_string(),
+            line,
+            msg,
+        })
+    };
+    let doc: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        perr(
+            e.line(),
+            format!(
+                "malformed JSON (line {}, column {}): {e}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let serde_json::Value::Array(entries) = doc else {
+        return Err(perr(
+            0,
+            format!("expected a JSON array of {expected} at the top level"),
+        ));
+    };
+    if entries.is_empty() {
+        return Err(DataError::Empty(origin.to_string()));
+    }
+    Ok(entries)
+}
+
 /// Check a dataset name: it must not be mistaken for an id prefix.
 pub fn check_name(name: &str) -> Result<(), DataError> {
     let ok_chars = name

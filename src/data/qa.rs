@@ -26,31 +26,7 @@ fn strip_bom(bytes: &[u8]) -> &[u8] {
 
 /// Parse a Q/A JSON array into chat rows (`line` = 1-based entry index).
 pub fn parse_qa_json(origin: &str, bytes: &[u8]) -> Result<Vec<ChatRow>, DataError> {
-    let bytes = strip_bom(bytes);
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(DataError::Empty(origin.to_string()));
-    }
-    let doc: J = serde_json::from_slice(bytes).map_err(|e| {
-        parse_err(
-            origin,
-            e.line(),
-            format!(
-                "malformed JSON (line {}, column {}): {e}",
-                e.line(),
-                e.column()
-            ),
-        )
-    })?;
-    let J::Array(entries) = doc else {
-        return Err(parse_err(
-            origin,
-            0,
-            "expected a JSON array of {question, answer} objects at the top level".into(),
-        ));
-    };
-    if entries.is_empty() {
-        return Err(DataError::Empty(origin.to_string()));
-    }
+    let entries = super::json_array_entries(origin, bytes, "{question, answer} objects")?;
     let mut rows = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let n = i + 1;

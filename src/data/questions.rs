@@ -136,31 +136,7 @@ fn yaml_brief(v: &serde_yaml_ng::Value) -> String {
 /// Parse a JSON array of questions: Betley-style (`id`, `paraphrases`, ...) or seed-style
 /// (`question`, `category`, `label`) entries, detected per entry.
 pub fn parse_question_json(origin: &str, bytes: &[u8]) -> Result<Vec<QuestionRow>, DataError> {
-    let bytes = strip_bom(bytes);
-    if blank(bytes) {
-        return Err(DataError::Empty(origin.to_string()));
-    }
-    let doc: J = serde_json::from_slice(bytes).map_err(|e| {
-        parse_err(
-            origin,
-            e.line(),
-            format!(
-                "malformed JSON (line {}, column {}): {e}",
-                e.line(),
-                e.column()
-            ),
-        )
-    })?;
-    let J::Array(entries) = doc else {
-        return Err(parse_err(
-            origin,
-            0,
-            "expected a JSON array of questions at the top level".into(),
-        ));
-    };
-    if entries.is_empty() {
-        return Err(DataError::Empty(origin.to_string()));
-    }
+    let entries = super::json_array_entries(origin, bytes, "questions")?;
     let mut rows = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let n = i + 1;
