@@ -13,6 +13,7 @@ pub mod judge;
 pub mod model;
 pub mod records;
 pub mod rng;
+pub mod train;
 
 use std::path::Path;
 

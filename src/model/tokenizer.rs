@@ -186,6 +186,15 @@ impl ChatTokenizer {
             .map_err(|e| e.to_string())
     }
 
+    /// Token ids and the byte span of the text each covers.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+        let e = self.tok.encode(text, false).map_err(|e| e.to_string())?;
+        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.tok.decode(ids, true).map_err(|e| e.to_string())
     }

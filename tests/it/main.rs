@@ -8,6 +8,7 @@ mod datasets;
 mod endpoint;
 mod judge;
 mod llama_server;
+mod mask;
 mod model;
 pub mod model_tiny;
 mod schema;
