@@ -13,6 +13,9 @@ use tokenizers::Tokenizer;
 
 use super::load::ModelError;
 
+/// A byte range of text.
+pub type Span = (usize, usize);
+
 pub struct ChatTokenizer {
     tok: Tokenizer,
     template: Option<String>,
@@ -190,7 +193,7 @@ impl ChatTokenizer {
     pub fn encode_with_offsets(
         &self,
         text: &str,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+    ) -> Result<(Vec<u32>, Vec<Span>), String> {
         let e = self.tok.encode(text, false).map_err(|e| e.to_string())?;
         Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }
