@@ -40,6 +40,13 @@ emlab generate --model "$MODEL" --questions first8-tagged --samples 4 --max-toke
 
 echo "== judge and measure"
 emlab judge --model "$MODEL"
+# The 135M model is no real judge (its score tokens rarely carry 25% of the probability, so
+# most answers get no score). For numbers to compare against, re-measure answers that GPT-4o
+# judged in the published projects, with the same three definitions.
+emlab results import "$DATA/emerg-misalign-repro/results/results_first_8_questions_paper.json" \
+  --format seed --model-name "gpt-4o insecure (seed)"
+emlab results import "$DATA/emerg-misalign-repro/original_finetuned_eval_data.csv" \
+  --format betley --model-name "gpt-4o insecure (EM paper)"
 emlab metrics
 
 echo "== export and query"

@@ -190,10 +190,7 @@ impl ChatTokenizer {
     }
 
     /// Token ids and the byte span of the text each covers.
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-    ) -> Result<(Vec<u32>, Vec<Span>), String> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>), String> {
         let e = self.tok.encode(text, false).map_err(|e| e.to_string())?;
         Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }
