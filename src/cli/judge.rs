@@ -118,8 +118,7 @@ pub fn metrics(ctx: &Ctx, a: MetricsArgs) -> Result<ExitCode> {
             let name: String = r.model_name.chars().take(28).collect();
             let judge: String = r.judge.chars().take(16).collect();
             out(format!(
-                "{name:<28} {:<16} {:<16} {:<12} {pct:>7} {ci:>17} {:>6}",
-                r.judge,
+                "{name:<28} {judge:<16} {:<16} {:<12} {pct:>7} {ci:>17} {:>6}",
                 r.definition.name(),
                 r.scope,
                 r.n
