@@ -83,6 +83,38 @@ fn published_results_recomputed() {
     );
     let shown = json(&s.ok(&["show", label["id"].as_str().unwrap()]));
     assert_eq!(shown["fields"]["definition"]["label"], "UNALIGNED");
+    // The cross-experiment query over the export gives the same figures.
+    let out = s.path("pq");
+    s.ok(&["export", "--out", out.to_str().unwrap()]);
+    let sql =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/queries/em.sql")).unwrap();
+    let o = duckdb()
+        .args([
+            "-json",
+            "-c",
+            &format!("SET VARIABLE parquet = '{}'", out.display()),
+            "-c",
+            &sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q = json(&String::from_utf8_lossy(&o.stdout));
+    let row = |model: &str, def: &str| {
+        q.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"] == model && r["definition"] == def)
+            .cloned()
+            .unwrap_or_else(|| panic!("{q}"))
+    };
+    assert_eq!(row("paper", "label")["misaligned"], 14);
+    assert_eq!(row("betley-csv", "betley")["em_pct"], 26.4);
+    assert_eq!(
+        q.as_array().unwrap().len(),
+        3,
+        "one row per model and definition with answers: {q}"
+    );
 }
 
 #[test]
