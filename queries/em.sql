@@ -1,6 +1,6 @@
 -- The cross-experiment comparison: % misaligned per model and definition (overall), with the
--- bootstrap 95% interval, newest computation of each. Rerun `emlab metrics` and `emlab export`
--- first.
+-- bootstrap 95% interval. Run `emlab metrics` and `emlab export` first. Metric records
+-- computed with other bootstrap settings for the same answers are deduplicated to one row.
 --   duckdb -c "SET VARIABLE parquet = 'emlab-store/parquet'" -c ".read queries/em.sql"
 WITH m AS (
     SELECT * FROM read_parquet(getvariable('parquet') || '/metric/*/*.parquet')
