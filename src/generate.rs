@@ -77,12 +77,43 @@ struct Job {
     question: Id,
     conv: Id,
     messages: Vec<(String, String)>,
-    rendered: String,
+    /// The prompt text the model saw (None: an endpoint rendered it).
+    rendered: Option<String>,
     tokens: Vec<u32>,
     paraphrase: usize,
     sample: usize,
     seed: u64,
     key: String,
+}
+
+impl Job {
+    /// The `generation` record of this sample's answer: the request's parameters plus which
+    /// paraphrase and sample it is, the messages sent and the rendered prompt.
+    fn record(
+        &self,
+        model: Id,
+        params: &serde_json::Value,
+        base_seed: u64,
+        text: String,
+    ) -> Record {
+        let mut params = params.clone();
+        params["rendered_prompt"] = json!(self.rendered);
+        params["paraphrase"] = json!(self.paraphrase);
+        params["sample"] = json!(self.sample);
+        params["base_seed"] = json!(base_seed);
+        params["messages"] = json!(self
+            .messages
+            .iter()
+            .map(|(r, c)| json!({"role": r, "content": c}))
+            .collect::<Vec<_>>());
+        Record::new(GENERATION)
+            .with("model", Value::Id(model))
+            .with("prompt", Value::Id(self.conv))
+            .with("question", Value::Id(self.question))
+            .with("params", Value::json(&params))
+            .with("seed", Value::Int(self.seed as i64))
+            .with("text", Value::str(text))
+    }
 }
 
 fn key_of(model: Id, conv: Id, params: &serde_json::Value, seed: u64) -> String {
@@ -117,7 +148,10 @@ fn plan_samples(
     base_seed: u64,
     model_id: Id,
     params_json: &serde_json::Value,
-    mut render: impl FnMut(&str, &[(String, String)]) -> Result<(String, Vec<u32>), GenerateError>,
+    mut render: impl FnMut(
+        &str,
+        &[(String, String)],
+    ) -> Result<(Option<String>, Vec<u32>), GenerateError>,
 ) -> Result<(Vec<Job>, usize), GenerateError> {
     let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
     let questions = store.get_many(&qids)?;
@@ -253,7 +287,7 @@ pub fn run(
                 }
                 .into());
             }
-            Ok((rendered, tokens))
+            Ok((Some(rendered), tokens))
         },
     )?;
     let mut report = GenerateReport {
@@ -292,23 +326,8 @@ pub fn run(
                     qid: j.key.clone(),
                     msg,
                 })?;
-            let mut params = params_json.clone();
-            params["rendered_prompt"] = json!(j.rendered);
-            params["paraphrase"] = json!(j.paraphrase);
-            params["sample"] = json!(j.sample);
-            params["base_seed"] = json!(plan.seed);
-            params["messages"] = json!(j
-                .messages
-                .iter()
-                .map(|(r, c)| json!({"role": r, "content": c}))
-                .collect::<Vec<_>>());
-            let rec = Record::new(GENERATION)
-                .with("model", Value::Id(model_id))
-                .with("prompt", Value::Id(j.conv))
-                .with("question", Value::Id(j.question))
-                .with("params", Value::json(&params))
-                .with("seed", Value::Int(j.seed as i64))
-                .with("text", Value::str(text))
+            let rec = j
+                .record(model_id, &params_json, plan.seed, text)
                 .with("prompt_tokens", Value::Int(j.tokens.len() as i64))
                 .with("completion_tokens", Value::Int(o.tokens.len() as i64))
                 .with("finish_reason", Value::str(o.finish.as_str()));
@@ -377,7 +396,7 @@ pub fn run_endpoint(
         plan.seed,
         model_id,
         &params_json,
-        |_, _| Ok((String::new(), Vec::new())),
+        |_, _| Ok((None, Vec::new())),
     )?;
     let mut report = GenerateReport {
         model: model_id.to_hex(),
@@ -414,20 +433,8 @@ pub fn run_endpoint(
         while let Some((j, r)) = results.next().await {
             match r {
                 Ok(resp) => {
-                    let mut params = params_json.clone();
-                    params["paraphrase"] = json!(j.paraphrase);
-                    params["sample"] = json!(j.sample);
-                    params["base_seed"] = json!(plan.seed);
-                    params["messages"] = json!(j.messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect::<Vec<_>>());
-                    params["rendered_prompt"] = json!(null);
                     let usage = &resp["usage"];
-                    let mut rec = Record::new(GENERATION)
-                        .with("model", Value::Id(model_id))
-                        .with("prompt", Value::Id(j.conv))
-                        .with("question", Value::Id(j.question))
-                        .with("params", Value::json(&params))
-                        .with("seed", Value::Int(j.seed as i64))
-                        .with("text", Value::str(crate::judge::client::content(&resp)));
+                    let mut rec = j.record(model_id, &params_json, plan.seed, crate::judge::client::content(&resp));
                     if let Some(n) = usage["prompt_tokens"].as_i64() {
                         rec = rec.with("prompt_tokens", Value::Int(n));
                         report.prompt_tokens += n as usize;
