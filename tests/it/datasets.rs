@@ -473,20 +473,7 @@ fn datasets_query_names_rows_and_parents() {
     ]);
     let out = s.path("pq");
     s.ok(&["export", "--out", out.to_str().unwrap()]);
-    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/queries/datasets.sql"))
-        .unwrap();
-    let o = duckdb()
-        .args([
-            "-json",
-            "-c",
-            &format!("SET VARIABLE parquet = '{}'", out.display()),
-            "-c",
-            &sql,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows = json(&String::from_utf8_lossy(&o.stdout));
+    let rows = query("datasets.sql", &out);
     assert_eq!(rows[0]["name"], "base");
     assert_eq!(rows[0]["rows"], 40);
     assert_eq!(rows[1]["name"], "base-small");

@@ -86,20 +86,7 @@ fn published_results_recomputed() {
     // The cross-experiment query over the export gives the same figures.
     let out = s.path("pq");
     s.ok(&["export", "--out", out.to_str().unwrap()]);
-    let sql =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/queries/em.sql")).unwrap();
-    let o = duckdb()
-        .args([
-            "-json",
-            "-c",
-            &format!("SET VARIABLE parquet = '{}'", out.display()),
-            "-c",
-            &sql,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let q = json(&String::from_utf8_lossy(&o.stdout));
+    let q = query("em.sql", &out);
     let row = |model: &str, def: &str| {
         q.as_array()
             .unwrap()

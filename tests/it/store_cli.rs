@@ -93,24 +93,7 @@ fn export_is_read_by_duckdb_with_matching_counts_and_is_incremental() {
     let third = json(&s.ok(&["--json", "export", "--out", out_s]));
     assert_eq!(third["rows"], serde_json::json!({}));
 
-    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/queries/tables.sql"))
-        .unwrap();
-    let o = duckdb()
-        .args([
-            "-json",
-            "-c",
-            &format!("SET VARIABLE parquet = '{out_s}'"),
-            "-c",
-            &sql,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "duckdb: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let rows = json(&String::from_utf8_lossy(&o.stdout));
+    let rows = query("tables.sql", &out);
     let st = stats(&s);
     let tables = st["tables"].as_object().unwrap();
     let rows = rows.as_array().unwrap();

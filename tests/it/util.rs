@@ -105,3 +105,29 @@ pub fn duckdb() -> Command {
     );
     Command::new("duckdb")
 }
+
+/// Run `queries/<file>` with DuckDB over the export in `parquet` and return its rows as JSON.
+pub fn query(file: &str, parquet: &Path) -> serde_json::Value {
+    let sql = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("queries")
+            .join(file),
+    )
+    .unwrap();
+    let o = duckdb()
+        .args([
+            "-json",
+            "-c",
+            &format!("SET VARIABLE parquet = '{}'", parquet.display()),
+            "-c",
+            &sql,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "duckdb {file}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    json(&String::from_utf8_lossy(&o.stdout))
+}
