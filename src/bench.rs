@@ -186,6 +186,65 @@ pub fn bench_generate(
     Ok((params, results))
 }
 
+/// LoRA training throughput: `steps` optimizer steps (after one warm-up step) on `batch` rows
+/// of `seq_len` seeded random tokens, loss on the second half of each row (an answer after a
+/// prompt), AdamW, the em-paper adapter (r, alpha 2r, rsLoRA, all 7 projections).
+pub fn bench_train(
+    model: &Path,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    r: usize,
+) -> Result<(J, J), crate::train::run::TrainError> {
+    use crate::train::lora::LoraParams;
+    use crate::train::optim::{clip, AdamW};
+    use crate::train::run::{load_base, step_grads, Preset};
+    let m = load_base(model)?;
+    let mut cfg = Preset::EmPaper.config();
+    cfg.lora.r = r;
+    cfg.lora.alpha = 2.0 * r as f64;
+    let vocab = m.model.cfg.vocab;
+    let examples: Vec<crate::train::data::Example> = (0..batch.max(1))
+        .map(|b| {
+            let mut rng = crate::rng::Rng::new(b as u64, 1);
+            crate::train::data::Example {
+                row: b,
+                tokens: (0..seq_len)
+                    .map(|_| (256 + rng.below(vocab - 256)) as u32)
+                    .collect(),
+                mask: (0..seq_len).map(|i| i >= seq_len / 2).collect(),
+            }
+        })
+        .collect();
+    let rows: Vec<usize> = (0..examples.len()).collect();
+    let mut params = LoraParams::init(cfg.lora.clone(), &m.model, 0)?;
+    let mut opt = AdamW::new(cfg.adamw, &params)?;
+    let mut times = Vec::new();
+    for s in 0..=steps {
+        let t0 = std::time::Instant::now();
+        let (_, _, _, mut g) = step_grads(&m.model, &params, &examples, &rows, batch, s as u64)?;
+        clip(&mut g, 1.0)?;
+        opt.step(&mut params, &g, 1e-5)?;
+        if s > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let tokens = (batch * seq_len) as f64;
+    let device = &m.model.device;
+    let params_json = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "seq_len": seq_len, "steps": steps, "r": r, "trainable_params": params.numel(), "dtype": format!("{:?}", m.model.dtype), "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
+    let results = json!({"step_s": times, "mean_step_s": mean, "tokens_per_s": tokens / mean, "peak_rss_mib": peak_rss_mib()});
+    Ok((params_json, results))
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 fn tempdir() -> Result<std::path::PathBuf, DataError> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

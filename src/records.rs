@@ -161,6 +161,30 @@ pub static TABLES: &[TableDef] = &[
             C::new("step", T::Int, "optimizer steps taken"),
             C::new("loss_curve", T::FloatList, "training loss per step"),
             C::new("adapter", T::Blob, "the adapter (PEFT safetensors) blob"),
+            C::new(
+                "adapter_config",
+                T::Json,
+                "PEFT `adapter_config.json` written beside the adapter on export",
+            )
+            .nullable(),
+            C::new(
+                "state",
+                T::Blob,
+                "training state for resuming: adapter, AdamW moments, step, loss curve",
+            )
+            .nullable(),
+            C::new(
+                "eval_loss",
+                T::Json,
+                "held-out loss per target token: `[[step, loss], ...]`",
+            )
+            .nullable(),
+            C::new(
+                "data_stats",
+                T::Json,
+                "rows used, truncated and skipped; tokens and target tokens",
+            )
+            .nullable(),
         ],
     },
     TableDef {

@@ -30,6 +30,20 @@ pub enum BenchCmd {
         #[arg(long)]
         keep_quantized: bool,
     },
+    /// LoRA training steps/s and tokens/s of a local model (random rows, em-paper adapter).
+    Train {
+        /// A .gguf file or a Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 32)]
+        r: usize,
+    },
     /// Time batched ingest (encode + hash + commit, one thread) and Parquet export.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -56,6 +70,17 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             "model.generate",
             emlab::bench::bench_generate(&model, batch, prompt_len, new_tokens, keep_quantized)
                 .with_context(|| format!("benchmarking {}", model.display()))?,
+        ),
+        BenchCmd::Train {
+            model,
+            batch,
+            seq_len,
+            steps,
+            r,
+        } => (
+            "model.train",
+            emlab::bench::bench_train(&model, batch, seq_len, steps, r)
+                .with_context(|| format!("benchmarking training on {}", model.display()))?,
         ),
         BenchCmd::Store { records, repeat } => (
             "store.ingest_export",

@@ -9,6 +9,7 @@ mod generate;
 mod judge;
 mod show;
 mod stats;
+mod train;
 mod verify;
 
 use std::io::Write;
@@ -22,7 +23,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "emlab",
     version,
-    about = "Emergent Misalignment research toolkit"
+    about = "Emergent Misalignment research toolkit",
+    args_override_self = true
 )]
 pub struct Cli {
     /// Store directory (created on first use).
@@ -77,6 +79,15 @@ pub enum Command {
         #[command(subcommand)]
         cmd: bench::BenchCmd,
     },
+    /// Fine-tune a LoRA adapter on a chat dataset; prints the checkpoint id.
+    Train(Box<train::Args>),
+    /// Checkpoints: list, export as PEFT folders.
+    Checkpoint {
+        #[command(subcommand)]
+        cmd: train::CheckpointCmd,
+    },
+    /// Merge a checkpoint's adapter into its base model; writes an HF model folder.
+    Merge(train::MergeArgs),
     /// The provenance of a record: its parents back to the source files and their BLAKE3.
     Lineage {
         /// Dataset name, id or id prefix.
@@ -123,6 +134,9 @@ pub fn run() -> Result<ExitCode> {
         Command::Results { cmd } => judge::results(&ctx, cmd),
         Command::Metrics(a) => judge::metrics(&ctx, a),
         Command::Judge(a) => judge::judge(&ctx, a),
+        Command::Train(a) => train::run_train(&ctx, *a),
+        Command::Checkpoint { cmd } => train::checkpoint(&ctx, cmd),
+        Command::Merge(a) => train::merge(&ctx, a),
     }
 }
 

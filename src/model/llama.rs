@@ -254,6 +254,12 @@ impl Model {
         Ok(())
     }
 
+    /// RoPE `cos` and `sin` tables, `[max_seq, head_dim / 2]` (training writes its own
+    /// forward with them).
+    pub fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
         Cache::new(
             &self.cfg,

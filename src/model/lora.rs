@@ -172,6 +172,9 @@ impl Model {
             if a.dims() != [ad.r, in_dim] || b.dims() != [out_dim, ad.r] {
                 return Err(mismatch(format!("layer {li} {module}: A {:?} / B {:?} do not fit a [{out_dim}, {in_dim}] weight with r {}", a.dims(), b.dims(), ad.r)));
             }
+            // PEFT files are in HF row order; GGUF Llama q/k rows are permuted.
+            let m = crate::train::lora::module_index(module).unwrap_or(usize::MAX);
+            let b = crate::train::lora::hf_to_model_rows(&self.cfg, m, b)?;
             let (a, b) = (
                 a.to_device(&self.device)?.to_dtype(dt)?,
                 b.to_device(&self.device)?.to_dtype(dt)?,

@@ -27,16 +27,21 @@ pub fn tiny_config(vocab: usize) -> Config {
 
 /// Build a model with uniform(-scale, scale) weights from `seed`.
 pub fn random_model(cfg: Config, seed: u64) -> Result<Model> {
+    random_model_in(cfg, seed, DType::F32)
+}
+
+/// [`random_model`] in another dtype (f64 for finite-difference gradient checks).
+pub fn random_model_in(cfg: Config, seed: u64, dtype: DType) -> Result<Model> {
     let dev = Device::Cpu;
     let mut rng = Rng::new(seed, 0);
     let mut t = |shape: (usize, usize), scale: f64| -> Result<Tensor> {
         let v: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| ((rng.unit() * 2.0 - 1.0) * scale) as f32)
             .collect();
-        Tensor::from_vec(v, shape, &dev)
+        Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)
     };
     let (h, hd) = (cfg.hidden, cfg.head_dim);
-    let ones = Tensor::ones(h, DType::F32, &dev)?;
+    let ones = Tensor::ones(h, dtype, &dev)?;
     let mut layers = Vec::with_capacity(cfg.layers);
     for _ in 0..cfg.layers {
         layers.push(Layer {
@@ -47,8 +52,8 @@ pub fn random_model(cfg: Config, seed: u64) -> Result<Model> {
             gate: Linear::Dense(t((cfg.intermediate, h), 0.2)?, None),
             up: Linear::Dense(t((cfg.intermediate, h), 0.2)?, None),
             down: Linear::Dense(t((h, cfg.intermediate), 0.2)?, None),
-            attn_norm: ones.clone(),
-            ffn_norm: ones.clone(),
+            attn_norm: (t((1, h), 0.3)?.squeeze(0)? + &ones)?,
+            ffn_norm: (t((1, h), 0.3)?.squeeze(0)? + &ones)?,
         });
     }
     let embed = t((cfg.vocab, h), 0.5)?;
@@ -59,5 +64,5 @@ pub fn random_model(cfg: Config, seed: u64) -> Result<Model> {
         norm: ones,
         lm_head,
     };
-    Model::new(cfg, w, dev, DType::F32)
+    Model::new(cfg, w, dev, dtype)
 }

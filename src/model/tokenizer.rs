@@ -144,6 +144,24 @@ impl ChatTokenizer {
         })
     }
 
+    /// Write `tokenizer.json` and `tokenizer_config.json` (chat template, bos/eos) into an HF
+    /// model folder, so [`ChatTokenizer::from_hf_dir`] reads back the same tokenizer.
+    pub fn save_hf(&self, dir: &Path) -> Result<(), ModelError> {
+        let tpath = dir.join("tokenizer.json");
+        self.tok
+            .save(&tpath, false)
+            .map_err(|e| fmt_err(&tpath, format!("cannot write tokenizer: {e}")))?;
+        let cfg = serde_json::json!({
+            "chat_template": self.template,
+            "bos_token": self.bos,
+            "eos_token": self.eos,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        let cpath = dir.join("tokenizer_config.json");
+        std::fs::write(&cpath, serde_json::to_string_pretty(&cfg).unwrap_or_default())
+            .map_err(|source| ModelError::Io { path: cpath, source })
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tok.get_vocab_size(true)
     }

@@ -1,4 +1,12 @@
-//! Fine-tuning (in progress): the assistant-only loss mask ([`mask`]). LoRA training itself
-//! is the subject of an open issue.
+//! LoRA fine-tuning: the assistant-only loss mask ([`mask`]), trainable adapter pairs in
+//! PEFT's format ([`lora`]), the hand-written forward/backward pass ([`backprop`]), AdamW and
+//! schedules ([`optim`]), token rows and batches from a dataset ([`data`]), and the resumable
+//! training job that writes `checkpoint` records ([`run`]).
 
+pub mod backprop;
+pub mod data;
+pub mod lora;
 pub mod mask;
+pub mod merge;
+pub mod optim;
+pub mod run;

@@ -13,3 +13,4 @@ mod model;
 pub mod model_tiny;
 mod schema;
 mod store_cli;
+mod train;

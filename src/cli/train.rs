@@ -1,0 +1,263 @@
+//! `emlab train`, `emlab checkpoint ...` and `emlab merge`: LoRA fine-tuning into
+//! `checkpoint` records, exporting them as PEFT folders, and merging one into base weights.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use emlab::train::data::Overflow;
+use emlab::train::optim::Schedule;
+use emlab::train::run::{Preset, TrainPlan};
+
+use super::{is_terminal_stderr, note, out, out_json, Ctx};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Base model: a .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training dataset (name or id).
+    #[arg(long)]
+    pub data: String,
+    /// Recipe the other options start from.
+    #[arg(long, value_enum, default_value = "em-paper")]
+    pub preset: Preset,
+    /// Continue training this checkpoint's adapter (id or prefix); same base model required.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Held-out dataset: its loss is measured before training, every --eval-every steps and
+    /// at the end.
+    #[arg(long)]
+    pub eval: Option<String>,
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: usize,
+    /// Stop after this many optimizer steps (the schedule spans them).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Longest training row in tokens; see --overflow.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Rows longer than --seq-len: truncate (default), skip, or error.
+    #[arg(long, value_enum)]
+    pub overflow: Option<Overflow>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Rows per optimizer step (effective batch).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Rows per forward/backward pass (gradients of batch-size/micro-batch passes add up).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// LoRA rank.
+    #[arg(long)]
+    pub r: Option<usize>,
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.
+    #[arg(long)]
+    pub rslora: Option<bool>,
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Comma-separated projections, e.g. q_proj,v_proj (default: all seven).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// Save a resumable checkpoint every this many steps (and at the end).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+}
+
+impl Args {
+    pub fn plan(&self) -> TrainPlan {
+        let mut c = self.preset.config();
+        macro_rules! set {
+            ($field:expr, $opt:expr) => {
+                if let Some(v) = $opt.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(c.seq_len, self.seq_len);
+        set!(c.overflow, self.overflow);
+        set!(c.lr, self.lr);
+        set!(c.epochs, self.epochs);
+        set!(c.batch_size, self.batch_size);
+        set!(c.micro_batch, self.micro_batch);
+        set!(c.warmup_steps, self.warmup_steps);
+        set!(c.schedule, self.schedule);
+        set!(c.adamw.weight_decay, self.weight_decay);
+        set!(c.max_grad_norm, self.max_grad_norm);
+        set!(c.seed, self.seed);
+        set!(c.lora.r, self.r);
+        set!(c.lora.alpha, self.alpha);
+        set!(c.lora.rslora, self.rslora);
+        set!(c.lora.dropout, self.dropout);
+        set!(c.lora.targets, self.targets);
+        set!(c.save_every, self.save_every);
+        c.micro_batch = c.micro_batch.min(c.batch_size);
+        c.max_steps = self.max_steps;
+        TrainPlan {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            eval: self.eval.clone(),
+            eval_every: self.eval_every,
+            from: self.from.clone(),
+            config: c,
+        }
+    }
+}
+
+pub fn run_train(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    let store = ctx.open()?;
+    let plan = a.plan();
+    let bar = (is_terminal_stderr() && !ctx.json).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut progress = |done: usize, total: usize, loss: f64, tps: f64| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+            b.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
+        } else if !ctx.json {
+            note(format!("step {done}/{total} loss {loss:.4} {tps:.0} tok/s"));
+        }
+    };
+    let r = emlab::train::run::run(&store, &plan, &mut progress).with_context(|| {
+        format!(
+            "training {} on `{}`",
+            plan.model.display(),
+            plan.data
+        )
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if ctx.json {
+        out_json(&r)?;
+    } else {
+        out(&r.checkpoint)?;
+        let d = &r.data;
+        let mut msg = format!(
+            "{} steps of {}{}; {} trainable parameters; {} rows used of {} ({} truncated, {} skipped as too long, {} without an assistant token)",
+            r.steps,
+            r.total_steps,
+            r.resumed_from_step
+                .map_or(String::new(), |s| format!(" (resumed at step {s})")),
+            r.trainable_params,
+            d.used,
+            d.rows,
+            d.truncated,
+            d.skipped_long,
+            d.skipped_no_target
+        );
+        if let Some(l) = r.final_loss {
+            msg += &format!("; final loss {l:.4}");
+        }
+        if r.tokens_per_s > 0.0 {
+            msg += &format!("; {:.0} tokens/s", r.tokens_per_s);
+        }
+        if let (Some(first), Some(last)) = (r.eval_loss.first(), r.eval_loss.last()) {
+            msg += &format!(
+                "; held-out loss {:.4} (step {}) -> {:.4} (step {})",
+                first.1, first.0, last.1, last.0
+            );
+        }
+        note(msg);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CheckpointCmd {
+    /// Write a checkpoint's adapter as a PEFT folder (adapter_config.json +
+    /// adapter_model.safetensors).
+    Export {
+        /// Checkpoint id or prefix.
+        id: String,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// List checkpoints: id, step, base model, dataset, last loss.
+    List,
+}
+
+pub fn checkpoint(ctx: &Ctx, cmd: CheckpointCmd) -> Result<ExitCode> {
+    let store = ctx.open()?;
+    match cmd {
+        CheckpointCmd::Export { id, out: dir } => {
+            let ck = store
+                .resolve_prefix(&id)
+                .with_context(|| format!("checkpoint `{id}`"))?;
+            emlab::train::run::export_checkpoint(&store, ck, &dir)
+                .with_context(|| format!("exporting {} to {}", ck.to_hex(), dir.display()))?;
+            out(dir.display().to_string())?;
+        }
+        CheckpointCmd::List => {
+            let rows = emlab::train::run::list_checkpoints(&store)?;
+            if ctx.json {
+                out_json(&rows)?;
+            } else {
+                for r in rows {
+                    out(format!(
+                        "{}  step {:>5}  loss {:>8}  base {}  data {}",
+                        r.id,
+                        r.step,
+                        r.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        &r.base_model[..12],
+                        &r.dataset[..12]
+                    ))?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// The base model the checkpoint was trained on.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Checkpoint id or prefix.
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Output directory: an HF model folder (config.json, model.safetensors, tokenizer).
+    #[arg(short, long)]
+    pub out: PathBuf,
+}
+
+pub fn merge(ctx: &Ctx, a: MergeArgs) -> Result<ExitCode> {
+    let store = ctx.open()?;
+    let ck = store
+        .resolve_prefix(&a.checkpoint)
+        .with_context(|| format!("checkpoint `{}`", a.checkpoint))?;
+    emlab::train::merge::merge(&store, &a.model, ck, &a.out).with_context(|| {
+        format!(
+            "merging {} into {}",
+            ck.to_hex(),
+            a.model.display()
+        )
+    })?;
+    out(a.out.display().to_string())?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,498 @@
+//! The training forward and backward pass, written out by hand.
+//!
+//! Why not Candle's autograd: its matmul backward computes the gradient of both operands, so
+//! every frozen base weight would get a full-size gradient (a third more FLOPs and a weight's
+//! worth of memory per projection), and its fused `rms_norm`, `softmax_last_dim` and `rope`
+//! have no backward at all and silently cut the graph. Here the forward keeps what the
+//! backward needs ([`LayerTape`]), and [`loss_and_grads`] walks back through the layers
+//! computing input gradients for the frozen projections and weight gradients for the LoRA
+//! pairs only. The fused kernels stay in the forward (they are fast); their backward is
+//! written below: RMSNorm, RoPE (the inverse rotation), softmax, SiLU, cross-entropy.
+//!
+//! Batches are right-padded rows starting at position 0. A padded position only sees keys at
+//! or before itself, so real positions never see padding, and padding positions carry no loss,
+//! so no gradient flows from them.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::lora::LoraParams;
+use crate::model::llama::{Linear, Model, RopeLayout};
+use crate::rng::Rng;
+
+pub type Result<T> = candle_core::Result<T>;
+
+/// One micro-batch: right-padded token rows and the positions the loss covers.
+pub struct Batch {
+    /// `[rows, len]` token ids.
+    pub tokens: Tensor,
+    /// Flat positions `row * len + t` whose next token is a target.
+    pub positions: Vec<u32>,
+    /// The target token (the token at `t + 1`) for each position.
+    pub labels: Vec<u32>,
+}
+
+impl Batch {
+    /// Build from token rows and per-token loss masks (a token is a target when its mask bit
+    /// is set; the first token of a row never is).
+    pub fn new(rows: &[(&[u32], &[bool])], dev: &Device) -> Result<Batch> {
+        let len = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let mut toks = Vec::with_capacity(rows.len() * len);
+        let mut positions = Vec::new();
+        let mut labels = Vec::new();
+        for (ri, (t, m)) in rows.iter().enumerate() {
+            toks.extend_from_slice(t);
+            toks.extend(std::iter::repeat_n(0u32, len - t.len()));
+            for i in 1..t.len() {
+                if m[i] {
+                    positions.push((ri * len + i - 1) as u32);
+                    labels.push(t[i]);
+                }
+            }
+        }
+        Ok(Batch {
+            tokens: Tensor::from_vec(toks, (rows.len(), len), dev)?,
+            positions,
+            labels,
+        })
+    }
+
+    pub fn targets(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+/// Gradients of the adapter pairs, in [`LoraParams::pairs`] order, in the master dtype.
+pub struct Grads {
+    pub a: Vec<Tensor>,
+    pub b: Vec<Tensor>,
+}
+
+impl Grads {
+    pub fn zeros(p: &LoraParams) -> Result<Grads> {
+        Ok(Grads {
+            a: p.pairs
+                .iter()
+                .map(|x| x.a.zeros_like())
+                .collect::<Result<_>>()?,
+            b: p.pairs
+                .iter()
+                .map(|x| x.b.zeros_like())
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    pub fn add(&mut self, o: &Grads) -> Result<()> {
+        for (x, y) in self.a.iter_mut().zip(&o.a) {
+            *x = (&*x + y)?;
+        }
+        for (x, y) in self.b.iter_mut().zip(&o.b) {
+            *x = (&*x + y)?;
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm over every gradient.
+    pub fn norm(&self) -> Result<f64> {
+        let mut s = 0f64;
+        for t in self.a.iter().chain(&self.b) {
+            s += t
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        Ok(s.sqrt())
+    }
+
+    pub fn scale(&mut self, f: f64) -> Result<()> {
+        for t in self.a.iter_mut().chain(self.b.iter_mut()) {
+            *t = (&*t * f)?;
+        }
+        Ok(())
+    }
+}
+
+/// A LoRA pair as used in one pass: weights in the compute dtype and the scale.
+struct Adapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    /// Dropout keep-mask already divided by the keep probability, `[n, in]`.
+    drop: Option<Tensor>,
+    slot: usize,
+}
+
+/// What a projection's forward keeps for its backward.
+struct LinTape {
+    /// `x A^T` (after dropout) when the projection has an adapter.
+    u: Option<Tensor>,
+}
+
+fn base_forward(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    match lin {
+        Linear::Dense(w, bias) => {
+            let y = x.matmul(&w.t()?)?;
+            match bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        }
+        _ => candle_core::bail!(
+            "training needs dense base weights (dequantize the model; no merged adapters)"
+        ),
+    }
+}
+
+fn base_weight(lin: &Linear) -> Result<&Tensor> {
+    match lin {
+        Linear::Dense(w, _) => Ok(w),
+        _ => candle_core::bail!("training needs dense base weights"),
+    }
+}
+
+fn lin_forward(lin: &Linear, ad: Option<&Adapter>, x: &Tensor) -> Result<(Tensor, LinTape)> {
+    let y = base_forward(lin, x)?;
+    match ad {
+        None => Ok((y, LinTape { u: None })),
+        Some(ad) => {
+            let xin = match &ad.drop {
+                Some(m) => (x * m)?,
+                None => x.clone(),
+            };
+            let u = xin.matmul(&ad.a.t()?)?;
+            let y = (y + (u.matmul(&ad.b.t()?)? * ad.scale)?)?;
+            Ok((y, LinTape { u: Some(u) }))
+        }
+    }
+}
+
+/// Backward of a projection: returns `dx`, and adds the adapter's gradients to `grads`.
+fn lin_backward(
+    lin: &Linear,
+    ad: Option<&Adapter>,
+    tape: &LinTape,
+    x: &Tensor,
+    dy: &Tensor,
+    grads: &mut Grads,
+) -> Result<Tensor> {
+    // The frozen weight gets no gradient: only dx = dy W.
+    let dx = dy.matmul(base_weight(lin)?)?;
+    let (Some(ad), Some(u)) = (ad, &tape.u) else {
+        return Ok(dx);
+    };
+    let dt = grads.a[ad.slot].dtype();
+    // dB = s dy^T u ; du = s dy B ; dA = du^T x_in ; dx += du A (through the dropout mask).
+    let db = (dy.t()?.matmul(u)? * ad.scale)?;
+    let du = (dy.matmul(&ad.b)? * ad.scale)?;
+    let xin = match &ad.drop {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let da = du.t()?.matmul(&xin)?;
+    grads.b[ad.slot] = (&grads.b[ad.slot] + db.to_dtype(dt)?)?;
+    grads.a[ad.slot] = (&grads.a[ad.slot] + da.to_dtype(dt)?)?;
+    let dxl = du.matmul(&ad.a)?;
+    let dxl = match &ad.drop {
+        Some(m) => (dxl * m)?,
+        None => dxl,
+    };
+    dx + dxl
+}
+
+/// RMSNorm forward keeping `x / rms` and `1 / rms`.
+fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xn = x.broadcast_mul(&inv)?;
+    let y = xn.broadcast_mul(w)?;
+    Ok((y, xn, inv))
+}
+
+/// `dx = inv * (g - xn * mean(g * xn))` with `g = dy * w`.
+fn rms_backward(xn: &Tensor, inv: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let g = dy.broadcast_mul(w)?;
+    let dot = (&g * xn)?.mean_keepdim(D::Minus1)?;
+    (g - xn.broadcast_mul(&dot)?)?.broadcast_mul(inv)
+}
+
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Result<Tensor> {
+    match layout {
+        RopeLayout::Half => candle_nn::rotary_emb::rope(x, cos, sin),
+        RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
+    }
+}
+
+struct LayerTape {
+    xn1: Tensor,
+    inv1: Tensor,
+    h1: Tensor,
+    q: LinTape,
+    k: LinTape,
+    v: LinTape,
+    /// Post-RoPE queries folded as `[b, kv, rep*t, hd]`, keys `[b, kv, t, hd]`, values.
+    qf: Tensor,
+    kr: Tensor,
+    vr: Tensor,
+    probs: Tensor,
+    attn: Tensor,
+    o: LinTape,
+    xn2: Tensor,
+    inv2: Tensor,
+    h2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    gate: LinTape,
+    up: LinTape,
+    down: LinTape,
+}
+
+/// Options of one pass.
+#[derive(Clone, Copy)]
+pub struct PassOpts {
+    /// Divide the loss (and so the gradients) by this many target tokens.
+    pub denom: f64,
+    /// Seed for LoRA dropout masks (used only when the spec has dropout).
+    pub dropout_seed: u64,
+    /// Rows of logits computed at once (bounds the `[rows, vocab]` buffers).
+    pub logit_chunk: usize,
+    /// Compute gradients (else: loss only, for evaluation).
+    pub backward: bool,
+}
+
+impl PassOpts {
+    pub fn new(denom: f64) -> PassOpts {
+        PassOpts {
+            denom,
+            dropout_seed: 0,
+            logit_chunk: 1024,
+            backward: true,
+        }
+    }
+}
+
+/// The summed cross-entropy of a batch's targets and, with `opts.backward`, the gradients of
+/// `sum / opts.denom` for every adapter pair.
+pub fn loss_and_grads(
+    model: &Model,
+    lora: &LoraParams,
+    batch: &Batch,
+    opts: PassOpts,
+) -> Result<(f64, Option<Grads>)> {
+    let cfg = &model.cfg;
+    let dt = model.dtype;
+    let dev = &model.device;
+    let (bsz, t) = batch.tokens.dims2()?;
+    let n = bsz * t;
+    if t > cfg.max_seq {
+        candle_core::bail!(
+            "sequence of {t} tokens exceeds the model's context of {}",
+            cfg.max_seq
+        );
+    }
+    let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+    let rep = nh / nkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (cos, sin) = model.rope_tables();
+    let cos = cos.narrow(0, 0, t)?;
+    let sin = sin.narrow(0, 0, t)?;
+    let mut causal = Vec::with_capacity(t * t);
+    for i in 0..t {
+        for j in 0..t {
+            causal.push(if j <= i { 0f32 } else { f32::NEG_INFINITY });
+        }
+    }
+    let causal = Tensor::from_vec(causal, (t, t), dev)?.to_dtype(dt)?;
+    let spec = &lora.spec;
+    let lscale = spec.scale();
+
+    // Adapter weights in the compute dtype, with this pass's dropout masks.
+    let adapter = |li: usize, m: usize, inp: usize| -> Result<Option<Adapter>> {
+        let Some(slot) = lora.index[li][m] else {
+            return Ok(None);
+        };
+        let p = &lora.pairs[slot];
+        let drop = if spec.dropout > 0.0 && opts.backward {
+            let keep = 1.0 - spec.dropout;
+            let mut rng = Rng::new(opts.dropout_seed, li * 7 + m);
+            let v: Vec<f32> = (0..n * inp)
+                .map(|_| {
+                    if rng.unit() < keep {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Some(Tensor::from_vec(v, (n, inp), dev)?.to_dtype(dt)?)
+        } else {
+            None
+        };
+        Ok(Some(Adapter {
+            a: p.a.to_dtype(dt)?,
+            b: p.b.to_dtype(dt)?,
+            scale: lscale,
+            drop,
+            slot,
+        }))
+    };
+
+    let tokens = batch.tokens.flatten_all()?;
+    let mut x = match &model.w.embed {
+        crate::model::llama::Embedding::Dense(e) => e.embedding(&tokens)?.to_dtype(dt)?,
+        crate::model::llama::Embedding::Quant(q) => q.embedding(&tokens)?.to_dtype(dt)?,
+    };
+    let mut tapes = Vec::with_capacity(cfg.layers);
+    let mut adapters = Vec::with_capacity(cfg.layers);
+    for (li, layer) in model.w.layers.iter().enumerate() {
+        let ads: Vec<Option<Adapter>> = (0..7)
+            .map(|m| {
+                let inp = super::lora::projection(layer, m).dims()?.1;
+                adapter(li, m, inp)
+            })
+            .collect::<Result<_>>()?;
+        let (h1, xn1, inv1) = rms_forward(&x, &layer.attn_norm, cfg.rms_eps)?;
+        let (q, tq) = lin_forward(&layer.q, ads[0].as_ref(), &h1)?;
+        let (k, tk) = lin_forward(&layer.k, ads[1].as_ref(), &h1)?;
+        let (v, tv) = lin_forward(&layer.v, ads[2].as_ref(), &h1)?;
+        let q = q.reshape((bsz, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((bsz, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let vr = v.reshape((bsz, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope(&q, &cos, &sin, cfg.rope)?;
+        let kr = rope(&k, &cos, &sin, cfg.rope)?;
+        let qf = q.reshape((bsz, nkv, rep * t, hd))?;
+        let scores = (qf.matmul(&kr.t()?)? * scale)?
+            .reshape((bsz, nkv, rep, t, t))?
+            .broadcast_add(&causal)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((bsz, nkv, rep * t, t))?;
+        let attn = probs
+            .matmul(&vr)?
+            .reshape((bsz, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((n, nh * hd))?;
+        let (o, to) = lin_forward(&layer.o, ads[3].as_ref(), &attn)?;
+        let xmid = (&x + o)?;
+        let (h2, xn2, inv2) = rms_forward(&xmid, &layer.ffn_norm, cfg.rms_eps)?;
+        let (g, tg) = lin_forward(&layer.gate, ads[4].as_ref(), &h2)?;
+        let (u, tu) = lin_forward(&layer.up, ads[5].as_ref(), &h2)?;
+        let act = (candle_nn::ops::silu(&g)? * &u)?;
+        let (d, td) = lin_forward(&layer.down, ads[6].as_ref(), &act)?;
+        x = (xmid + d)?;
+        if opts.backward {
+            tapes.push(LayerTape {
+                xn1,
+                inv1,
+                h1,
+                q: tq,
+                k: tk,
+                v: tv,
+                qf,
+                kr,
+                vr,
+                probs,
+                attn,
+                o: to,
+                xn2,
+                inv2,
+                h2,
+                g,
+                u,
+                gate: tg,
+                up: tu,
+                down: td,
+            });
+            adapters.push(ads);
+        }
+    }
+    let (xf, xnf, invf) = rms_forward(&x, &model.w.norm, cfg.rms_eps)?;
+
+    // Logits only at target positions, in chunks; cross-entropy in f32 (f64 for f64 models).
+    let lm = base_weight(&model.w.lm_head)?;
+    let ce_dt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+    let ntarget = batch.positions.len();
+    let mut loss = 0f64;
+    let mut dsel = Vec::new();
+    let chunk = opts.logit_chunk.max(1);
+    let mut start = 0;
+    while start < ntarget {
+        let c = chunk.min(ntarget - start);
+        let pos = Tensor::from_slice(&batch.positions[start..start + c], c, dev)?;
+        let lab = Tensor::from_slice(&batch.labels[start..start + c], (c, 1), dev)?;
+        let xs = xf.index_select(&pos, 0)?;
+        let logits = xs.matmul(&lm.t()?)?.to_dtype(ce_dt)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let sumexp = shifted.exp()?.sum_keepdim(D::Minus1)?;
+        let lse = sumexp.log()?;
+        let picked = shifted.gather(&lab, 1)?;
+        loss += (lse - &picked)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if opts.backward {
+            // d/dlogits of sum(CE) / denom: softmax minus one-hot.
+            let sm = shifted.broadcast_sub(&sumexp.log()?)?.exp()?;
+            let neg = Tensor::full(-1f32, (c, 1), dev)?.to_dtype(ce_dt)?;
+            let dl = (sm.scatter_add(&lab, &neg, 1)? / opts.denom)?.to_dtype(dt)?;
+            dsel.push(dl.matmul(lm)?);
+        }
+        start += c;
+    }
+    if !opts.backward {
+        return Ok((loss, None));
+    }
+    let mut grads = Grads::zeros(lora)?;
+    if dsel.is_empty() {
+        return Ok((loss, Some(grads)));
+    }
+    let dxs = Tensor::cat(&dsel, 0)?;
+    drop(xf);
+    let pos = Tensor::from_slice(&batch.positions, ntarget, dev)?;
+    let dxf = Tensor::zeros((n, cfg.hidden), dt, dev)?.index_add(&pos, &dxs, 0)?;
+    let mut dx = rms_backward(&xnf, &invf, &model.w.norm, &dxf)?;
+
+    for li in (0..cfg.layers).rev() {
+        let layer = &model.w.layers[li];
+        let tp = tapes.pop().ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
+        let ads = adapters
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
+        // MLP: x = xmid + down(silu(g) * u).
+        let sig = candle_nn::ops::sigmoid(&tp.g)?;
+        let silu = (&tp.g * &sig)?;
+        let act = (&silu * &tp.u)?;
+        let dact = lin_backward(&layer.down, ads[6].as_ref(), &tp.down, &act, &dx, &mut grads)?;
+        drop(act);
+        let du = (&dact * &silu)?;
+        // silu'(g) = sig * (1 + g * (1 - sig))
+        let dsilu = (&sig * ((&tp.g * (1.0 - &sig)?)? + 1.0)?)?;
+        let dg = ((&dact * &tp.u)? * dsilu)?;
+        let dh2 = (lin_backward(&layer.gate, ads[4].as_ref(), &tp.gate, &tp.h2, &dg, &mut grads)?
+            + lin_backward(&layer.up, ads[5].as_ref(), &tp.up, &tp.h2, &du, &mut grads)?)?;
+        let dxmid = (&dx + rms_backward(&tp.xn2, &tp.inv2, &layer.ffn_norm, &dh2)?)?;
+
+        // Attention.
+        let dattn = lin_backward(&layer.o, ads[3].as_ref(), &tp.o, &tp.attn, &dxmid, &mut grads)?;
+        let dout = dattn
+            .reshape((bsz, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((bsz, nkv, rep * t, hd))?;
+        let dv = tp.probs.t()?.matmul(&dout)?;
+        let dp = dout.matmul(&tp.vr.t()?)?;
+        let rowdot = (&dp * &tp.probs)?.sum_keepdim(D::Minus1)?;
+        let ds = ((dp.broadcast_sub(&rowdot))? * &tp.probs)?;
+        let dq = (ds.matmul(&tp.kr)? * scale)?.reshape((bsz, nh, t, hd))?;
+        let dk = (ds.t()?.matmul(&tp.qf)? * scale)?;
+        // RoPE is a rotation: its backward rotates back (the same kernel with -sin).
+        let nsin = sin.neg()?;
+        let dq = rope(&dq.contiguous()?, &cos, &nsin, cfg.rope)?;
+        let dk = rope(&dk.contiguous()?, &cos, &nsin, cfg.rope)?;
+        let dq = dq.transpose(1, 2)?.reshape((n, nh * hd))?;
+        let dk = dk.transpose(1, 2)?.reshape((n, nkv * hd))?;
+        let dv = dv.transpose(1, 2)?.reshape((n, nkv * hd))?;
+        let dh1 = (lin_backward(&layer.q, ads[0].as_ref(), &tp.q, &tp.h1, &dq, &mut grads)?
+            + lin_backward(&layer.k, ads[1].as_ref(), &tp.k, &tp.h1, &dk, &mut grads)?)?;
+        let dh1 = (dh1 + lin_backward(&layer.v, ads[2].as_ref(), &tp.v, &tp.h1, &dv, &mut grads)?)?;
+        dx = (dxmid + rms_backward(&tp.xn1, &tp.inv1, &layer.attn_norm, &dh1)?)?;
+    }
+    Ok((loss, Some(grads)))
+}

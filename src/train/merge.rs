@@ -1,0 +1,154 @@
+//! `emlab merge`: fold a checkpoint's adapter into the base weights and write an HF model
+//! folder (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`),
+//! the base of the next stage (base -> misaligned -> realigned with a fresh adapter) and a
+//! model any HF-compatible tool can load.
+//!
+//! GGUF inputs are dequantized; q/k rows of GGUF Llama files go back to HF order, so the
+//! folder loads with the standard (half-split) RoPE layout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use emlab_store::{Id, Store, Value};
+use serde_json::json;
+
+use super::lora::model_to_hf_rows;
+use super::run::{checkpoint_spec, load_base, read_adapter, TrainError};
+use crate::model::llama::{Arch, Embedding, Linear};
+use crate::model::lora::{Adapter, MODULES};
+use crate::model::ModelError;
+use crate::records::CHECKPOINT;
+
+pub fn merge(store: &Store, model_path: &Path, ck: Id, out: &Path) -> Result<(), TrainError> {
+    let rec = store.get(ck)?;
+    if rec.table != CHECKPOINT {
+        return Err(TrainError::NotCheckpoint(ck.to_hex()));
+    }
+    let mut loaded = load_base(model_path)?;
+    let base_id = loaded.record.id()?;
+    let theirs = rec.get("base_model").and_then(Value::as_id);
+    if theirs != Some(base_id) {
+        return Err(TrainError::OtherBase {
+            checkpoint: ck.to_hex(),
+            theirs: theirs.map_or_else(|| "?".into(), |i| i.to_hex()),
+            ours: base_id.to_hex(),
+        });
+    }
+    let spec = checkpoint_spec(&rec).ok_or_else(|| TrainError::BadCheckpoint {
+        checkpoint: ck.to_hex(),
+        msg: "its config has no LoRA spec".into(),
+    })?;
+    let tensors = read_adapter(store, ck, &rec, &loaded.model.device)?;
+    let mut weights = HashMap::new();
+    for (name, a) in &tensors {
+        let Some(pre) = name.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let Some(rest) = pre.strip_prefix("base_model.model.model.layers.") else {
+            continue;
+        };
+        let layer: usize = rest
+            .split('.')
+            .next()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(usize::MAX);
+        let module = rest.rsplit('.').next().unwrap_or("").to_string();
+        if let Some(b) = tensors.get(&format!("{pre}.lora_B.weight")) {
+            weights.insert((layer, module), (a.clone(), b.clone()));
+        }
+    }
+    let ad = Adapter {
+        dir: std::path::PathBuf::from(format!("checkpoint {}", ck.to_hex())),
+        r: spec.r,
+        alpha: spec.alpha,
+        rslora: spec.rslora,
+        targets: spec.targets.clone(),
+        weights,
+    };
+    loaded.model.apply_adapter(&ad, true)?;
+    write_hf(&loaded, out)
+}
+
+fn dense(lin: &Linear) -> Result<(&Tensor, Option<&Tensor>), TrainError> {
+    match lin {
+        Linear::Dense(w, b) => Ok((w, b.as_ref())),
+        _ => Err(TrainError::Config("merge produced a non-dense projection".into())),
+    }
+}
+
+/// Write a loaded (dense) model as an HF folder.
+pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainError> {
+    let m = &loaded.model;
+    let cfg = &m.cfg;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Model(ModelError::Io { path, source })
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let f32 = |t: &Tensor| -> Result<Tensor, TrainError> {
+        Ok(t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?)
+    };
+    let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
+    let embed = match &m.w.embed {
+        Embedding::Dense(e) => f32(e)?,
+        Embedding::Quant(q) => f32(&q.dequantize(&m.device)?)?,
+    };
+    t.insert("model.embed_tokens.weight".into(), embed);
+    for (i, l) in m.w.layers.iter().enumerate() {
+        let lins = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
+        for (mi, lin) in lins.into_iter().enumerate() {
+            let (name, group) = MODULES[mi];
+            let (w, b) = dense(lin)?;
+            let pre = format!("model.layers.{i}.{group}.{name}");
+            t.insert(format!("{pre}.weight"), model_to_hf_rows(cfg, mi, &f32(w)?)?);
+            if let Some(b) = b {
+                let b = model_to_hf_rows(cfg, mi, &f32(b)?)?;
+                t.insert(format!("{pre}.bias"), b);
+            }
+        }
+        t.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            f32(&l.attn_norm)?,
+        );
+        t.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            f32(&l.ffn_norm)?,
+        );
+    }
+    t.insert("model.norm.weight".into(), f32(&m.w.norm)?);
+    if !cfg.tie_embeddings {
+        t.insert("lm_head.weight".into(), f32(dense(&m.w.lm_head)?.0)?);
+    }
+    let info = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(t, Some(info))
+        .map_err(|e| TrainError::Config(format!("cannot serialize weights: {e}")))?;
+    let wpath = out.join("model.safetensors");
+    std::fs::write(&wpath, bytes).map_err(io(&wpath))?;
+    let (model_type, arch) = match cfg.arch {
+        Arch::Llama => ("llama", "LlamaForCausalLM"),
+        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+    };
+    let c = json!({
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_eps,
+        "max_position_embeddings": cfg.max_seq,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    });
+    let cpath = out.join("config.json");
+    std::fs::write(&cpath, serde_json::to_string_pretty(&c).unwrap_or_default())
+        .map_err(io(&cpath))?;
+    loaded.tokenizer.save_hf(out)?;
+    Ok(())
+}

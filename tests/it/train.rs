@@ -1,0 +1,585 @@
+//! LoRA training: gradients (finite differences, every adapter weight, frozen base), the
+//! training forward against the inference forward, padding, and the `train` / `checkpoint` /
+//! `merge` verbs on a tiny model (resume after kill -9 to the same bytes, bad input).
+
+use candle_core::{DType, Tensor};
+use emlab::model::llama::{Linear, RopeLayout};
+use emlab::model::tiny::{random_model_in, tiny_config};
+use emlab::train::backprop::{loss_and_grads, Batch, PassOpts};
+use emlab::train::lora::{LoraParams, LoraSpec};
+
+use crate::util::{chat_jsonl, TestStore};
+
+fn all_targets() -> Vec<String> {
+    emlab::model::lora::MODULES
+        .iter()
+        .map(|m| m.0.to_string())
+        .collect()
+}
+
+fn spec(r: usize) -> LoraSpec {
+    LoraSpec {
+        r,
+        alpha: 2.0 * r as f64,
+        rslora: true,
+        dropout: 0.0,
+        targets: all_targets(),
+    }
+}
+
+/// Closed-form adapter values: non-zero B, so A gets gradients too.
+fn wave(l: usize, m: usize, is_a: bool, i: usize, j: usize) -> f64 {
+    if is_a {
+        0.3 * (0.37 * i as f64 + 0.11 * j as f64 + 1.3 * l as f64 + 0.7 * m as f64).sin()
+    } else {
+        0.2 * (0.23 * i as f64 + 0.5 * j as f64 + 0.9 * l as f64 + 0.3 * m as f64).cos()
+    }
+}
+
+/// Two rows of different lengths (so one is padded), targets on part of each.
+fn rows() -> Vec<(Vec<u32>, Vec<bool>)> {
+    let a: Vec<u32> = vec![3, 17, 29, 5, 8, 41, 12, 7, 9, 30, 2];
+    let ma = vec![
+        false, false, false, true, true, true, false, false, true, true, true,
+    ];
+    let b: Vec<u32> = vec![4, 44, 18, 6, 22, 1];
+    let mb = vec![false, false, true, true, true, true];
+    vec![(a, ma), (b, mb)]
+}
+
+fn batch_of(rows: &[(Vec<u32>, Vec<bool>)]) -> Batch {
+    let r: Vec<(&[u32], &[bool])> = rows
+        .iter()
+        .map(|(t, m)| (t.as_slice(), m.as_slice()))
+        .collect();
+    Batch::new(&r, &candle_core::Device::Cpu).unwrap()
+}
+
+fn loss_with(model: &emlab::model::llama::Model, p: &LoraParams, b: &Batch) -> f64 {
+    let mut o = PassOpts::new(b.targets() as f64);
+    o.backward = false;
+    loss_and_grads(model, p, b, o).unwrap().0 / b.targets() as f64
+}
+
+fn get(t: &Tensor, i: usize) -> f64 {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .get(i)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn set(t: &Tensor, i: usize, v: f64) -> Tensor {
+    let mut data: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+    data[i] = v;
+    Tensor::from_vec(data, t.dims(), t.device()).unwrap()
+}
+
+fn finite_difference_check(rope: RopeLayout, kv_heads: usize) {
+    let mut cfg = tiny_config(64);
+    cfg.rope = rope;
+    cfg.kv_heads = kv_heads;
+    let model = random_model_in(cfg, 7, DType::F64).unwrap();
+    let p = LoraParams::from_fn(spec(3), &model, wave).unwrap();
+    assert_eq!(p.dtype, DType::F64);
+    let b = batch_of(&rows());
+    let (_, g) = loss_and_grads(&model, &p, &b, PassOpts::new(b.targets() as f64)).unwrap();
+    let g = g.unwrap();
+    let mut worst: f64 = 0.0;
+    for (k, pair) in p.pairs.iter().enumerate() {
+        for (is_a, t, gt) in [(true, &pair.a, &g.a[k]), (false, &pair.b, &g.b[k])] {
+            let n = t.elem_count();
+            for &i in &[0, n / 3, n - 1] {
+                let h = 1e-5;
+                let x = get(t, i);
+                let mut plus = p.clone();
+                let mut minus = p.clone();
+                let (tp, tm) = (set(t, i, x + h), set(t, i, x - h));
+                if is_a {
+                    plus.pairs[k].a = tp;
+                    minus.pairs[k].a = tm;
+                } else {
+                    plus.pairs[k].b = tp;
+                    minus.pairs[k].b = tm;
+                }
+                let fd = (loss_with(&model, &plus, &b) - loss_with(&model, &minus, &b)) / (2.0 * h);
+                let an = get(gt, i);
+                let err = (fd - an).abs() / (fd.abs() + an.abs()).max(1e-6);
+                worst = worst.max(err);
+                assert!(
+                    err < 1e-5,
+                    "layer {} module {} {} [{i}]: analytic {an:e} vs finite difference {fd:e}",
+                    pair.layer,
+                    pair.module,
+                    if is_a { "A" } else { "B" }
+                );
+            }
+        }
+    }
+    assert!(worst > 0.0);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    finite_difference_check(RopeLayout::Half, 2);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_interleaved_rope_no_gqa() {
+    finite_difference_check(RopeLayout::Interleaved, 4);
+}
+
+#[test]
+fn every_adapter_weight_gets_a_gradient_and_the_base_none() {
+    let model = random_model_in(tiny_config(64), 3, DType::F32).unwrap();
+    let mut p = LoraParams::from_fn(spec(4), &model, wave).unwrap();
+    assert_eq!(p.pairs.len(), 2 * 7);
+    let b = batch_of(&rows());
+    let (_, g) = loss_and_grads(&model, &p, &b, PassOpts::new(b.targets() as f64)).unwrap();
+    let g = g.unwrap();
+    // Gradients exist for exactly the adapter tensors, with their shapes.
+    assert_eq!(g.a.len(), p.pairs.len());
+    assert_eq!(g.b.len(), p.pairs.len());
+    for (k, pair) in p.pairs.iter().enumerate() {
+        for (name, w, gt) in [("A", &pair.a, &g.a[k]), ("B", &pair.b, &g.b[k])] {
+            assert_eq!(w.dims(), gt.dims());
+            let v: Vec<f32> = gt.flatten_all().unwrap().to_vec1().unwrap();
+            let nonzero = v.iter().filter(|x| **x != 0.0).count();
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "layer {} module {} {name}: non-finite gradient",
+                pair.layer,
+                pair.module
+            );
+            assert!(
+                nonzero * 10 >= v.len() * 9,
+                "layer {} module {} {name}: only {nonzero} of {} gradient entries are non-zero",
+                pair.layer,
+                pair.module,
+                v.len()
+            );
+        }
+    }
+    // An optimizer step changes every adapter tensor and no base weight.
+    let snapshot = |m: &emlab::model::llama::Model| -> Vec<Vec<f32>> {
+        let mut out = Vec::new();
+        for l in &m.w.layers {
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                let Linear::Dense(w, _) = lin else { panic!() };
+                out.push(w.flatten_all().unwrap().to_vec1().unwrap());
+            }
+            out.push(l.attn_norm.to_vec1().unwrap());
+        }
+        out
+    };
+    let before = snapshot(&model);
+    let a0: Vec<Vec<f32>> = p
+        .pairs
+        .iter()
+        .map(|x| x.a.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let mut opt = emlab::train::optim::AdamW::new(Default::default(), &p).unwrap();
+    opt.step(&mut p, &g, 1e-3).unwrap();
+    assert_eq!(before, snapshot(&model));
+    for (k, x) in p.pairs.iter().enumerate() {
+        let a1: Vec<f32> = x.a.flatten_all().unwrap().to_vec1().unwrap();
+        assert_ne!(a0[k], a1, "pair {k} A did not move");
+    }
+}
+
+#[test]
+fn peft_init_starts_at_the_base_model_and_b_gets_the_first_gradient() {
+    let model = random_model_in(tiny_config(64), 3, DType::F32).unwrap();
+    let p = LoraParams::init(spec(4), &model, 11).unwrap();
+    let zero = LoraParams::from_fn(spec(4), &model, |_, _, _, _, _| 0.0).unwrap();
+    let b = batch_of(&rows());
+    assert_eq!(loss_with(&model, &p, &b), loss_with(&model, &zero, &b));
+    let (_, g) = loss_and_grads(&model, &p, &b, PassOpts::new(1.0)).unwrap();
+    let g = g.unwrap();
+    // With B = 0, A's gradient is exactly zero and B's is not: PEFT's init.
+    assert_eq!(g.a[0].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert!(g.b[0].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    // A is uniform in ±1/sqrt(in).
+    let a: Vec<f32> = p.pairs[0].a.flatten_all().unwrap().to_vec1().unwrap();
+    let bound = 1.0 / (64f32).sqrt();
+    assert!(a.iter().all(|x| x.abs() <= bound));
+    assert!(a.iter().any(|x| x.abs() > 0.8 * bound));
+}
+
+#[test]
+fn training_loss_equals_the_inference_forward_with_the_adapter() {
+    let mut model = random_model_in(tiny_config(64), 5, DType::F32).unwrap();
+    let p = LoraParams::from_fn(spec(4), &model, wave).unwrap();
+    let rs = rows();
+    let b = batch_of(&rs);
+    let train_loss = loss_with(&model, &p, &b);
+    // The inference path: apply the same adapter unmerged, full logits, cross-entropy by hand.
+    let dir = tempfile::tempdir().unwrap();
+    write_peft(&p, &model, dir.path());
+    let ad = emlab::model::lora::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
+    model.apply_adapter(&ad, false).unwrap();
+    let mut sum = 0.0;
+    let mut n = 0;
+    for (t, m) in &rs {
+        let mut cache = model.new_cache(1, t.len()).unwrap();
+        let x = Tensor::new(t.as_slice(), &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&x, &mut cache, true).unwrap().squeeze(0).unwrap();
+        let lp = emlab::model::llama::log_softmax(&logits).unwrap();
+        let lp: Vec<Vec<f32>> = lp.to_vec2().unwrap();
+        for i in 1..t.len() {
+            if m[i] {
+                sum -= lp[i - 1][t[i] as usize] as f64;
+                n += 1;
+            }
+        }
+    }
+    let inf_loss = sum / n as f64;
+    assert!(
+        (train_loss - inf_loss).abs() < 1e-4,
+        "training forward {train_loss} vs inference forward {inf_loss}"
+    );
+}
+
+#[test]
+fn padding_changes_neither_loss_nor_gradients() {
+    let model = random_model_in(tiny_config(64), 9, DType::F64).unwrap();
+    let p = LoraParams::from_fn(spec(2), &model, wave).unwrap();
+    let rs = rows();
+    let both = batch_of(&rs);
+    let (l2, g2) = loss_and_grads(&model, &p, &both, PassOpts::new(1.0)).unwrap();
+    let mut l1 = 0.0;
+    let mut g1 = emlab::train::backprop::Grads::zeros(&p).unwrap();
+    for r in &rs {
+        let one = batch_of(std::slice::from_ref(r));
+        let (l, g) = loss_and_grads(&model, &p, &one, PassOpts::new(1.0)).unwrap();
+        l1 += l;
+        g1.add(&g.unwrap()).unwrap();
+    }
+    assert!((l1 - l2).abs() < 1e-10, "{l1} vs {l2}");
+    let g2 = g2.unwrap();
+    for (x, y) in g1.a.iter().chain(&g1.b).zip(g2.a.iter().chain(&g2.b)) {
+        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-10, "gradient differs by {d}");
+    }
+}
+
+/// Write params as a PEFT folder the way `checkpoint export` does.
+pub fn write_peft(p: &LoraParams, model: &emlab::model::llama::Model, dir: &std::path::Path) {
+    let t = p.to_peft(&model.cfg).unwrap();
+    let bytes = safetensors::serialize(t, None).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        p.spec.peft_config("tiny").to_string(),
+    )
+    .unwrap();
+}
+
+fn tiny_store(rows: usize) -> (TestStore, String) {
+    let s = TestStore::new();
+    let mdir = s.path("tiny");
+    crate::model_tiny::tiny_model(&mdir, false);
+    let data = s.write("small.jsonl", chat_jsonl("cats", rows).as_bytes());
+    s.ok(&["data", "import", data.to_str().unwrap(), "--name", "small"]);
+    (s, mdir.to_str().unwrap().to_string())
+}
+
+const FAST: &[&str] = &[
+    "--seq-len", "64", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-2", "--r", "4",
+    "--warmup-steps", "1",
+];
+
+#[test]
+fn train_cli_writes_a_checkpoint_that_exports_as_peft_and_samples() {
+    let (s, model) = tiny_store(12);
+    let mut args = vec!["train", "--model", &model, "--data", "small", "--max-steps", "4"];
+    args.extend_from_slice(FAST);
+    let out = s.ok(&args);
+    let ck = out.trim().to_string();
+    assert_eq!(ck.len(), 64, "{out}");
+    let rec = crate::util::json(&s.ok(&["show", &ck]));
+    assert_eq!(rec["table"], "checkpoint");
+    assert_eq!(rec["fields"]["step"], 4);
+    assert_eq!(rec["fields"]["loss_curve"].as_array().unwrap().len(), 4);
+    // Rerunning the same command trains nothing and prints the same checkpoint.
+    assert_eq!(s.ok(&args).trim(), ck);
+    // Export as PEFT; emlab's inference path loads it.
+    let dir = s.path("adapter");
+    s.ok(&["checkpoint", "export", &ck[..12], "-o", dir.to_str().unwrap()]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["use_rslora"], true);
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let ad = emlab::model::lora::load_peft(&dir, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ad.weights.len(), 14);
+    // Merge into an HF folder that loads and trains further.
+    let merged = s.path("merged");
+    s.ok(&["merge", "--model", &model, "--checkpoint", &ck, "-o", merged.to_str().unwrap()]);
+    let m = emlab::model::load(&merged, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(m.model.cfg.layers, 2);
+    let list = s.ok(&["checkpoint", "list"]);
+    assert!(list.contains(&ck), "{list}");
+}
+
+#[test]
+fn merged_model_equals_base_plus_adapter() {
+    let (s, model) = tiny_store(8);
+    let mut args = vec!["train", "--model", &model, "--data", "small", "--max-steps", "2"];
+    args.extend_from_slice(FAST);
+    let ck = s.ok(&args).trim().to_string();
+    let dir = s.path("adapter");
+    let merged = s.path("merged");
+    s.ok(&["checkpoint", "export", &ck, "-o", dir.to_str().unwrap()]);
+    s.ok(&["merge", "--model", &model, "--checkpoint", &ck, "-o", merged.to_str().unwrap()]);
+    let dev = candle_core::Device::Cpu;
+    let logits = |m: &emlab::model::Loaded| -> Vec<f32> {
+        let mut cache = m.model.new_cache(1, 8).unwrap();
+        let x = Tensor::new(&[[1u32, 3, 4, 5, 2]], &dev).unwrap();
+        m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let mut with = emlab::model::load(std::path::Path::new(&model), &dev).unwrap();
+    with.model.apply_adapter(&emlab::model::lora::load_peft(&dir, &dev).unwrap(), false).unwrap();
+    let a = logits(&with);
+    let b = logits(&emlab::model::load(&merged, &dev).unwrap());
+    let base = logits(&emlab::model::load(std::path::Path::new(&model), &dev).unwrap());
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let moved = a.iter().zip(&base).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-4, "merged differs from base + adapter by {d}");
+    assert!(moved > 1e-3, "training did not change the logits ({moved})");
+}
+
+#[test]
+fn kill_9_then_rerun_ends_with_the_same_adapter_bytes() {
+    let (s, model) = tiny_store(40);
+    let mut args = vec![
+        "train", "--model", &model, "--data", "small", "--epochs", "4", "--save-every", "2",
+    ];
+    args.extend_from_slice(FAST);
+    // Uninterrupted run in another store.
+    let (s2, model2) = tiny_store(40);
+    let mut args2 = args.clone();
+    args2[2] = &model2;
+    let ck_straight = s2.ok(&args2).trim().to_string();
+    let straight = crate::util::json(&s2.ok(&["show", &ck_straight]));
+
+    // Interrupted run: kill -9 once checkpoint blobs appear, then check that a checkpoint
+    // before the end was the last thing stored (else try again, later in the same store).
+    let blobs = s.dir().join("blobs");
+    let count = |d: &std::path::Path| -> usize {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .map(|e| std::fs::read_dir(e.path()).map_or(0, |x| x.count()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let total = straight["fields"]["step"].as_i64().unwrap();
+    let mut killed_mid = false;
+    for attempt in 0..5 {
+        let before = count(&blobs);
+        let mut child = crate::util::emlab()
+            .arg("--store")
+            .arg(s.dir())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if count(&blobs) >= before + 2 + 2 * attempt {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break;
+            }
+        }
+        let list = crate::util::json(&s.ok(&["checkpoint", "list", "--json"]));
+        let last = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["step"].as_i64().unwrap())
+            .max()
+            .unwrap_or(0);
+        if last > 0 && last < total {
+            killed_mid = true;
+            break;
+        }
+    }
+    assert!(killed_mid, "no kill landed between two checkpoints");
+    let out = s.run(&args);
+    assert!(out.ok(), "{}", out.stderr);
+    let ck = out.stdout.trim().to_string();
+    let resumed = crate::util::json(&s.ok(&["show", &ck]));
+    assert!(out.stderr.contains("resumed at step"), "{}", out.stderr);
+    let (resumed, straight) = (&resumed["fields"], &straight["fields"]);
+    assert_eq!(resumed["step"], straight["step"]);
+    assert_eq!(resumed["adapter"], straight["adapter"], "adapter blobs differ");
+    assert_eq!(resumed["loss_curve"], straight["loss_curve"]);
+    assert_eq!(ck, ck_straight);
+}
+
+#[test]
+fn bad_training_input_is_named_and_keeps_the_last_good_checkpoint() {
+    let (s, model) = tiny_store(8);
+    // A dataset without assistant turns (a question set: user turns only).
+    let f = s.write("noasst.txt", b"hello world ?\ncats are nice ?\n");
+    s.ok(&["data", "import", f.to_str().unwrap(), "--name", "noasst", "--format", "questions-text"]);
+    let mut args = vec!["train", "--model", &model, "--data", "noasst", "--max-steps", "1"];
+    args.extend_from_slice(FAST);
+    let r = s.run(&args);
+    if r.ok() {
+        panic!("training on a dataset without assistant turns succeeded");
+    }
+    assert!(r.stderr.contains("assistant"), "{}", r.stderr);
+
+    // Too long with --overflow error names the row; truncation counts the rows.
+    let mut args = vec!["train", "--model", &model, "--data", "small", "--max-steps", "1"];
+    args.extend_from_slice(FAST);
+    let mut tight = args.clone();
+    let at = tight.iter().position(|a| *a == "64").unwrap();
+    tight[at] = "8";
+    tight.extend(["--overflow", "error"]);
+    let r = s.run(&tight);
+    assert!(!r.ok());
+    assert!(r.stderr.contains("row 0") && r.stderr.contains("--seq-len 8"), "{}", r.stderr);
+
+    // A diverging run stops with a clear error and keeps the last good checkpoint.
+    let mut boom = vec!["train", "--model", &model, "--data", "small", "--max-steps", "6"];
+    boom.extend_from_slice(FAST);
+    boom.extend(["--lr", "1e30", "--save-every", "1", "--warmup-steps", "0", "--max-grad-norm", "0"]);
+    let r = s.run(&boom);
+    assert!(!r.ok(), "lr 1e30 trained without error");
+    assert!(r.stderr.contains("non-finite loss"), "{}", r.stderr);
+    let list = crate::util::json(&s.ok(&["checkpoint", "list", "--json"]));
+    let good: Vec<&serde_json::Value> = list.as_array().unwrap().iter().collect();
+    assert!(!good.is_empty());
+    for c in &good {
+        assert!(c["loss"].as_f64().unwrap().is_finite());
+        assert!(r.stderr.contains(&c["id"].as_str().unwrap()[..12]) || good.len() > 1);
+    }
+
+    // A checkpoint from another base model.
+    let ck = good[0]["id"].as_str().unwrap().to_string();
+    let other = s.path("other");
+    crate::model_tiny::tiny_model(&other, true);
+    let mut from = vec!["train", "--model", other.to_str().unwrap(), "--data", "small", "--from", &ck, "--max-steps", "1"];
+    from.extend_from_slice(FAST);
+    let r = s.run(&from);
+    assert!(!r.ok());
+    assert!(r.stderr.contains("was trained on base model"), "{}", r.stderr);
+}
+
+/// The closed-form adapter of `scripts/reference_lora.py` (`weight` there).
+fn reference_weight(l: usize, m: usize, is_a: bool, i: usize, j: usize) -> f64 {
+    let (l, m, i, j) = (l as f64, m as f64, i as f64, j as f64);
+    if is_a {
+        0.05 * (0.37 * i + 0.11 * j + 1.3 * l + 0.7 * m).sin()
+    } else {
+        0.02 * (0.23 * i + 0.5 * j + 0.9 * l + 0.3 * m).cos()
+    }
+}
+
+fn reference() -> serde_json::Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Loss and every LoRA gradient on SmolLM2-135M-Instruct (f32, CPU) against PyTorch + peft
+/// (`scripts/reference_lora.py`, pinned in tests/fixtures/lora_reference.json). Tolerances:
+/// loss within 1e-3 absolute; each gradient tensor's norm within 1% and its first entries
+/// within 2% of the norm's scale (f32 sums in a different order over 30 layers).
+#[test]
+fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
+    let r = reference();
+    let mut loaded = emlab::model::load(&crate::model::smollm2_path(), &candle_core::Device::Cpu).unwrap();
+    loaded.model.dequantize().unwrap();
+    let msgs: Vec<(String, String)> = r["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap().to_string(), m["content"].as_str().unwrap().to_string()))
+        .collect();
+    let masked = emlab::train::mask::assistant_mask(&loaded.tokenizer, &msgs).unwrap();
+    assert_eq!(masked.text, r["rendered"].as_str().unwrap());
+    let want_tokens: Vec<u32> = serde_json::from_value(r["tokens"].clone()).unwrap();
+    let want_mask: Vec<bool> = serde_json::from_value(r["mask"].clone()).unwrap();
+    assert_eq!(masked.tokens, want_tokens, "tokens differ from transformers'");
+    assert_eq!(masked.mask, want_mask, "assistant mask differs from the reference");
+
+    let spec = LoraSpec {
+        r: r["r"].as_u64().unwrap() as usize,
+        alpha: r["alpha"].as_f64().unwrap(),
+        rslora: true,
+        dropout: 0.0,
+        targets: all_targets(),
+    };
+    let p = LoraParams::from_fn(spec, &loaded.model, reference_weight).unwrap();
+    let b = Batch::new(&[(masked.tokens.as_slice(), masked.mask.as_slice())], &candle_core::Device::Cpu).unwrap();
+    assert_eq!(b.targets() as u64, r["targets"].as_u64().unwrap());
+    let (sum, g) = loss_and_grads(&loaded.model, &p, &b, PassOpts::new(b.targets() as f64)).unwrap();
+    let loss = sum / b.targets() as f64;
+    let want = r["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() < 1e-3, "loss {loss} vs peft {want}");
+    let g = g.unwrap();
+    let names = emlab::model::lora::MODULES;
+    let mut worst_norm: f64 = 0.0;
+    for (k, pair) in p.pairs.iter().enumerate() {
+        // Reference gradients are in HF row order: bring B's into it.
+        let gb = emlab::train::lora::model_to_hf_rows(&loaded.model.cfg, pair.module, &g.b[k]).unwrap();
+        for (which, t) in [("A", &g.a[k]), ("B", &gb)] {
+            let key = format!("{}.{}.{which}", pair.layer, names[pair.module].0);
+            let want = &r["grads"][&key];
+            let v: Vec<f64> = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let wn = want["norm"].as_f64().unwrap();
+            let rel = (norm - wn).abs() / wn;
+            worst_norm = worst_norm.max(rel);
+            assert!(rel < 0.01, "{key}: gradient norm {norm:e} vs peft {wn:e}");
+            let scale = wn / (v.len() as f64).sqrt();
+            for (i, w) in want["first"].as_array().unwrap().iter().enumerate() {
+                let w = w.as_f64().unwrap();
+                assert!(
+                    (v[i] - w).abs() < 0.02 * scale.max(w.abs()) * 5.0,
+                    "{key}[{i}]: {} vs peft {w}",
+                    v[i]
+                );
+            }
+        }
+    }
+    eprintln!("loss {loss} (peft {want}); worst relative gradient-norm difference {worst_norm:e}");
+    // The adapter file emlab writes, loaded by peft (`--emlab-adapter`), gives these logits.
+    // `EMLAB_WRITE_REFERENCE_ADAPTER=DIR` writes it for the reference script.
+    if let Ok(d) = std::env::var("EMLAB_WRITE_REFERENCE_ADAPTER") {
+        std::fs::create_dir_all(&d).unwrap();
+        write_peft(&p, &loaded.model, std::path::Path::new(&d));
+    }
+    if let Some(want_logits) = r.get("adapter_logits_last").and_then(|v| v.as_array()) {
+        let dir = tempfile::tempdir().unwrap();
+        write_peft(&p, &loaded.model, dir.path());
+        let ad = emlab::model::lora::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
+        loaded.model.apply_adapter(&ad, false).unwrap();
+        let mut cache = loaded.model.new_cache(1, masked.tokens.len()).unwrap();
+        let x = Tensor::new(masked.tokens.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits: Vec<f32> = loaded.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mut worst: f32 = 0.0;
+        for (i, w) in want_logits.iter().enumerate() {
+            worst = worst.max((logits[i] - w.as_f64().unwrap() as f32).abs());
+        }
+        assert!(worst < 1e-2, "logits with the saved adapter differ from peft's by {worst}");
+        let argmax = logits.iter().enumerate().fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a }).0;
+        assert_eq!(argmax as u64, r["adapter_argmax_last"].as_u64().unwrap());
+    }
+}
