@@ -499,8 +499,9 @@ fn reference() -> serde_json::Value {
 
 /// Loss and every LoRA gradient on SmolLM2-135M-Instruct (f32, CPU) against PyTorch + peft
 /// (`scripts/reference_lora.py`, pinned in tests/fixtures/lora_reference.json). Tolerances:
-/// loss within 1e-3 absolute; each gradient tensor's norm within 1% and its first entries
-/// within 2% of the norm's scale (f32 sums in a different order over 30 layers).
+/// loss within 1e-4 absolute; each of the 420 gradient tensors' norm within 0.1% relative,
+/// and its first entries within 1% of the tensor's RMS (f32 sums in another order over 30
+/// layers; measured here: loss 3e-6 apart, norms at most 6e-5 relative).
 #[test]
 fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
     let r = reference();
@@ -532,7 +533,7 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
     let (sum, g) = loss_and_grads(&loaded.model, &p, &b, PassOpts::new(b.targets() as f64)).unwrap();
     let loss = sum / b.targets() as f64;
     let want = r["loss"].as_f64().unwrap();
-    assert!((loss - want).abs() < 1e-3, "loss {loss} vs peft {want}");
+    assert!((loss - want).abs() < 1e-4, "loss {loss} vs peft {want}");
     let g = g.unwrap();
     let names = emlab::model::lora::MODULES;
     let mut worst_norm: f64 = 0.0;
@@ -547,12 +548,12 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
             let wn = want["norm"].as_f64().unwrap();
             let rel = (norm - wn).abs() / wn;
             worst_norm = worst_norm.max(rel);
-            assert!(rel < 0.01, "{key}: gradient norm {norm:e} vs peft {wn:e}");
+            assert!(rel < 1e-3, "{key}: gradient norm {norm:e} vs peft {wn:e}");
             let scale = wn / (v.len() as f64).sqrt();
             for (i, w) in want["first"].as_array().unwrap().iter().enumerate() {
                 let w = w.as_f64().unwrap();
                 assert!(
-                    (v[i] - w).abs() < 0.02 * scale.max(w.abs()) * 5.0,
+                    (v[i] - w).abs() < 0.01 * scale.max(w.abs()),
                     "{key}[{i}]: {} vs peft {w}",
                     v[i]
                 );
@@ -578,6 +579,7 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
         for (i, w) in want_logits.iter().enumerate() {
             worst = worst.max((logits[i] - w.as_f64().unwrap() as f32).abs());
         }
+        eprintln!("logits with the saved adapter: max difference from peft's {worst}");
         assert!(worst < 1e-2, "logits with the saved adapter differ from peft's by {worst}");
         let argmax = logits.iter().enumerate().fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a }).0;
         assert_eq!(argmax as u64, r["adapter_argmax_last"].as_u64().unwrap());
