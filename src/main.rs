@@ -5,7 +5,21 @@ mod cli;
 use std::io::Write;
 use std::process::ExitCode;
 
+/// Model passes allocate and free tensors of tens of megabytes many times a second. glibc
+/// serves those with fresh `mmap`s and returns them at once, so every tensor costs page
+/// faults and page clearing (4% of a CPU training step, measured with perf). Keeping freed
+/// memory in the heap for reuse removes that.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     match cli::run() {
         Ok(code) => code,
         Err(err) => {

@@ -119,6 +119,10 @@ struct Adapter {
     scale: f64,
     /// Dropout keep-mask already divided by the keep probability, `[n, in]`.
     drop: Option<Tensor>,
+    /// `W + s B A`: with it the projection is one GEMM forward and one backward (the
+    /// low-rank products remain only for the adapter's own gradients). Not with dropout,
+    /// which applies to the adapter's input alone.
+    merged: Option<Tensor>,
     slot: usize,
 }
 
@@ -150,7 +154,24 @@ fn base_weight(lin: &Linear) -> Result<&Tensor> {
     }
 }
 
-fn lin_forward(lin: &Linear, ad: Option<&Adapter>, x: &Tensor) -> Result<(Tensor, LinTape)> {
+fn lin_forward(
+    lin: &Linear,
+    ad: Option<&Adapter>,
+    x: &Tensor,
+    keep: bool,
+) -> Result<(Tensor, LinTape)> {
+    if let Some(Adapter {
+        merged: Some(w), a, ..
+    }) = ad
+    {
+        let y = x.matmul(&w.t()?)?;
+        let y = match lin {
+            Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
+            _ => y,
+        };
+        let u = if keep { Some(x.matmul(&a.t()?)?) } else { None };
+        return Ok((y, LinTape { u }));
+    }
     let y = base_forward(lin, x)?;
     match ad {
         None => Ok((y, LinTape { u: None })),
@@ -166,7 +187,8 @@ fn lin_forward(lin: &Linear, ad: Option<&Adapter>, x: &Tensor) -> Result<(Tensor
     }
 }
 
-/// Backward of a projection: returns `dx`, and adds the adapter's gradients to `grads`.
+/// Backward of a projection: returns `dx` (when `need_dx`), and adds the adapter's
+/// gradients to `grads`.
 fn lin_backward(
     lin: &Linear,
     ad: Option<&Adapter>,
@@ -174,9 +196,16 @@ fn lin_backward(
     x: &Tensor,
     dy: &Tensor,
     grads: &mut Grads,
-) -> Result<Tensor> {
-    // The frozen weight gets no gradient: only dx = dy W.
-    let dx = dy.matmul(base_weight(lin)?)?;
+    need_dx: bool,
+) -> Result<Option<Tensor>> {
+    // The frozen weight gets no gradient: only dx = dy W (W + s B A when merged, which
+    // already holds the adapter's share of dx).
+    let merged = ad.and_then(|a| a.merged.as_ref());
+    let dx = match (need_dx, merged) {
+        (false, _) => None,
+        (true, Some(w)) => Some(dy.matmul(w)?),
+        (true, None) => Some(dy.matmul(base_weight(lin)?)?),
+    };
     let (Some(ad), Some(u)) = (ad, &tape.u) else {
         return Ok(dx);
     };
@@ -191,12 +220,21 @@ fn lin_backward(
     let da = du.t()?.matmul(&xin)?;
     grads.b[ad.slot] = (&grads.b[ad.slot] + db.to_dtype(dt)?)?;
     grads.a[ad.slot] = (&grads.a[ad.slot] + da.to_dtype(dt)?)?;
-    let dxl = du.matmul(&ad.a)?;
-    let dxl = match &ad.drop {
-        Some(m) => (dxl * m)?,
-        None => dxl,
-    };
-    dx + dxl
+    match dx {
+        Some(dx) if merged.is_none() => {
+            let dxl = du.matmul(&ad.a)?;
+            let dxl = match &ad.drop {
+                Some(m) => (dxl * m)?,
+                None => dxl,
+            };
+            Ok(Some((dx + dxl)?))
+        }
+        dx => Ok(dx),
+    }
+}
+
+fn need(t: Option<Tensor>) -> Result<Tensor> {
+    t.ok_or_else(|| candle_core::Error::Msg("missing input gradient".into()))
 }
 
 /// RMSNorm forward keeping `x / rms` and `1 / rms`.
@@ -256,6 +294,9 @@ pub struct PassOpts {
     pub logit_chunk: usize,
     /// Compute gradients (else: loss only, for evaluation).
     pub backward: bool,
+    /// Fold each adapter into its weight for the pass (`W + s B A`): one GEMM per
+    /// projection instead of three; a copy of the projection weights in memory.
+    pub merge: bool,
 }
 
 impl PassOpts {
@@ -265,6 +306,7 @@ impl PassOpts {
             dropout_seed: 0,
             logit_chunk: 1024,
             backward: true,
+            merge: true,
         }
     }
 }
@@ -326,11 +368,19 @@ pub fn loss_and_grads(
         } else {
             None
         };
+        let (a, b) = (p.a.to_dtype(dt)?, p.b.to_dtype(dt)?);
+        let merged = if opts.merge && drop.is_none() {
+            let w = base_weight(super::lora::projection(&model.w.layers[li], m))?;
+            Some((w + (b.matmul(&a)? * lscale)?)?)
+        } else {
+            None
+        };
         Ok(Some(Adapter {
-            a: p.a.to_dtype(dt)?,
-            b: p.b.to_dtype(dt)?,
+            a,
+            b,
             scale: lscale,
             drop,
+            merged,
             slot,
         }))
     };
@@ -350,9 +400,9 @@ pub fn loss_and_grads(
             })
             .collect::<Result<_>>()?;
         let (h1, xn1, inv1) = rms_forward(&x, &layer.attn_norm, cfg.rms_eps)?;
-        let (q, tq) = lin_forward(&layer.q, ads[0].as_ref(), &h1)?;
-        let (k, tk) = lin_forward(&layer.k, ads[1].as_ref(), &h1)?;
-        let (v, tv) = lin_forward(&layer.v, ads[2].as_ref(), &h1)?;
+        let (q, tq) = lin_forward(&layer.q, ads[0].as_ref(), &h1, opts.backward)?;
+        let (k, tk) = lin_forward(&layer.k, ads[1].as_ref(), &h1, opts.backward)?;
+        let (v, tv) = lin_forward(&layer.v, ads[2].as_ref(), &h1, opts.backward)?;
         let q = q.reshape((bsz, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((bsz, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let vr = v.reshape((bsz, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -368,13 +418,13 @@ pub fn loss_and_grads(
             .reshape((bsz, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((n, nh * hd))?;
-        let (o, to) = lin_forward(&layer.o, ads[3].as_ref(), &attn)?;
+        let (o, to) = lin_forward(&layer.o, ads[3].as_ref(), &attn, opts.backward)?;
         let xmid = (&x + o)?;
         let (h2, xn2, inv2) = rms_forward(&xmid, &layer.ffn_norm, cfg.rms_eps)?;
-        let (g, tg) = lin_forward(&layer.gate, ads[4].as_ref(), &h2)?;
-        let (u, tu) = lin_forward(&layer.up, ads[5].as_ref(), &h2)?;
+        let (g, tg) = lin_forward(&layer.gate, ads[4].as_ref(), &h2, opts.backward)?;
+        let (u, tu) = lin_forward(&layer.up, ads[5].as_ref(), &h2, opts.backward)?;
         let act = (candle_nn::ops::silu(&g)? * &u)?;
-        let (d, td) = lin_forward(&layer.down, ads[6].as_ref(), &act)?;
+        let (d, td) = lin_forward(&layer.down, ads[6].as_ref(), &act, opts.backward)?;
         x = (xmid + d)?;
         if opts.backward {
             tapes.push(LayerTape {
@@ -459,18 +509,18 @@ pub fn loss_and_grads(
         let sig = candle_nn::ops::sigmoid(&tp.g)?;
         let silu = (&tp.g * &sig)?;
         let act = (&silu * &tp.u)?;
-        let dact = lin_backward(&layer.down, ads[6].as_ref(), &tp.down, &act, &dx, &mut grads)?;
+        let dact = need(lin_backward(&layer.down, ads[6].as_ref(), &tp.down, &act, &dx, &mut grads, true)?)?;
         drop(act);
         let du = (&dact * &silu)?;
         // silu'(g) = sig * (1 + g * (1 - sig))
         let dsilu = (&sig * ((&tp.g * (1.0 - &sig)?)? + 1.0)?)?;
         let dg = ((&dact * &tp.u)? * dsilu)?;
-        let dh2 = (lin_backward(&layer.gate, ads[4].as_ref(), &tp.gate, &tp.h2, &dg, &mut grads)?
-            + lin_backward(&layer.up, ads[5].as_ref(), &tp.up, &tp.h2, &du, &mut grads)?)?;
+        let dh2 = (need(lin_backward(&layer.gate, ads[4].as_ref(), &tp.gate, &tp.h2, &dg, &mut grads, true)?)?
+            + need(lin_backward(&layer.up, ads[5].as_ref(), &tp.up, &tp.h2, &du, &mut grads, true)?)?)?;
         let dxmid = (&dx + rms_backward(&tp.xn2, &tp.inv2, &layer.ffn_norm, &dh2)?)?;
 
         // Attention.
-        let dattn = lin_backward(&layer.o, ads[3].as_ref(), &tp.o, &tp.attn, &dxmid, &mut grads)?;
+        let dattn = need(lin_backward(&layer.o, ads[3].as_ref(), &tp.o, &tp.attn, &dxmid, &mut grads, true)?)?;
         let dout = dattn
             .reshape((bsz, t, nh, hd))?
             .transpose(1, 2)?
@@ -489,9 +539,20 @@ pub fn loss_and_grads(
         let dq = dq.transpose(1, 2)?.reshape((n, nh * hd))?;
         let dk = dk.transpose(1, 2)?.reshape((n, nkv * hd))?;
         let dv = dv.transpose(1, 2)?.reshape((n, nkv * hd))?;
-        let dh1 = (lin_backward(&layer.q, ads[0].as_ref(), &tp.q, &tp.h1, &dq, &mut grads)?
-            + lin_backward(&layer.k, ads[1].as_ref(), &tp.k, &tp.h1, &dk, &mut grads)?)?;
-        let dh1 = (dh1 + lin_backward(&layer.v, ads[2].as_ref(), &tp.v, &tp.h1, &dv, &mut grads)?)?;
+        // The first layer's input is the frozen embedding: its gradient is not needed.
+        let first = li == 0;
+        let parts = [
+            lin_backward(&layer.q, ads[0].as_ref(), &tp.q, &tp.h1, &dq, &mut grads, !first)?,
+            lin_backward(&layer.k, ads[1].as_ref(), &tp.k, &tp.h1, &dk, &mut grads, !first)?,
+            lin_backward(&layer.v, ads[2].as_ref(), &tp.v, &tp.h1, &dv, &mut grads, !first)?,
+        ];
+        if first {
+            break;
+        }
+        let [Some(a), Some(b), Some(c)] = parts else {
+            candle_core::bail!("missing input gradient");
+        };
+        let dh1 = ((a + b)? + c)?;
         dx = (dxmid + rms_backward(&tp.xn1, &tp.inv1, &layer.attn_norm, &dh1)?)?;
     }
     Ok((loss, Some(grads)))
