@@ -15,6 +15,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::kernels;
 use super::lora::LoraParams;
 use crate::model::llama::{Linear, Model, RopeLayout};
 use crate::rng::Rng;
@@ -311,6 +312,26 @@ impl PassOpts {
     }
 }
 
+/// Adapter-merged projection weights (`W + s B A`) in [`LoraParams::pairs`] order: computed
+/// once per optimizer step and shared by its micro-batches.
+pub struct Merged(Vec<Option<Tensor>>);
+
+fn merge_one(model: &Model, lora: &LoraParams, slot: usize) -> Result<Tensor> {
+    let p = &lora.pairs[slot];
+    let dt = model.dtype;
+    let w = base_weight(super::lora::projection(&model.w.layers[p.layer], p.module))?;
+    w + (p.b.to_dtype(dt)?.matmul(&p.a.to_dtype(dt)?)? * lora.spec.scale())?
+}
+
+impl Merged {
+    pub fn new(model: &Model, lora: &LoraParams) -> Result<Merged> {
+        (0..lora.pairs.len())
+            .map(|k| merge_one(model, lora, k).map(Some))
+            .collect::<Result<_>>()
+            .map(Merged)
+    }
+}
+
 /// The summed cross-entropy of a batch's targets and, with `opts.backward`, the gradients of
 /// `sum / opts.denom` for every adapter pair.
 pub fn loss_and_grads(
@@ -318,6 +339,17 @@ pub fn loss_and_grads(
     lora: &LoraParams,
     batch: &Batch,
     opts: PassOpts,
+) -> Result<(f64, Option<Grads>)> {
+    loss_and_grads_merged(model, lora, batch, opts, None)
+}
+
+/// [`loss_and_grads`] with merged weights computed beforehand.
+pub fn loss_and_grads_merged(
+    model: &Model,
+    lora: &LoraParams,
+    batch: &Batch,
+    opts: PassOpts,
+    cached: Option<&Merged>,
 ) -> Result<(f64, Option<Grads>)> {
     let cfg = &model.cfg;
     let dt = model.dtype;
@@ -369,11 +401,10 @@ pub fn loss_and_grads(
             None
         };
         let (a, b) = (p.a.to_dtype(dt)?, p.b.to_dtype(dt)?);
-        let merged = if opts.merge && drop.is_none() {
-            let w = base_weight(super::lora::projection(&model.w.layers[li], m))?;
-            Some((w + (b.matmul(&a)? * lscale)?)?)
-        } else {
-            None
+        let merged = match (opts.merge && drop.is_none(), cached) {
+            (false, _) => None,
+            (true, Some(c)) => c.0[slot].clone(),
+            (true, None) => Some(merge_one(model, lora, slot)?),
         };
         Ok(Some(Adapter {
             a,
@@ -409,10 +440,7 @@ pub fn loss_and_grads(
         let q = rope(&q, &cos, &sin, cfg.rope)?;
         let kr = rope(&k, &cos, &sin, cfg.rope)?;
         let qf = q.reshape((bsz, nkv, rep * t, hd))?;
-        let scores = (qf.matmul(&kr.t()?)? * scale)?
-            .reshape((bsz, nkv, rep, t, t))?
-            .broadcast_add(&causal)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((bsz, nkv, rep * t, t))?;
+        let probs = kernels::causal_softmax(&qf.matmul(&kr.t()?)?, scale, &causal)?;
         let attn = probs
             .matmul(&vr)?
             .reshape((bsz, nh, t, hd))?
@@ -423,7 +451,7 @@ pub fn loss_and_grads(
         let (h2, xn2, inv2) = rms_forward(&xmid, &layer.ffn_norm, cfg.rms_eps)?;
         let (g, tg) = lin_forward(&layer.gate, ads[4].as_ref(), &h2, opts.backward)?;
         let (u, tu) = lin_forward(&layer.up, ads[5].as_ref(), &h2, opts.backward)?;
-        let act = (candle_nn::ops::silu(&g)? * &u)?;
+        let act = kernels::silu_mul(&g, &u)?;
         let (d, td) = lin_forward(&layer.down, ads[6].as_ref(), &act, opts.backward)?;
         x = (xmid + d)?;
         if opts.backward {
@@ -468,20 +496,15 @@ pub fn loss_and_grads(
         let lab = Tensor::from_slice(&batch.labels[start..start + c], (c, 1), dev)?;
         let xs = xf.index_select(&pos, 0)?;
         let logits = xs.matmul(&lm.t()?)?.to_dtype(ce_dt)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let sumexp = shifted.exp()?.sum_keepdim(D::Minus1)?;
-        let lse = sumexp.log()?;
-        let picked = shifted.gather(&lab, 1)?;
-        loss += (lse - &picked)?
+        let lse = kernels::log_sum_exp(&logits)?;
+        let picked = logits.gather(&lab, 1)?;
+        loss += (&lse - &picked)?
             .to_dtype(DType::F64)?
             .sum_all()?
             .to_scalar::<f64>()?;
         if opts.backward {
             // d/dlogits of sum(CE) / denom: softmax minus one-hot.
-            let sm = shifted.broadcast_sub(&sumexp.log()?)?.exp()?;
-            let neg = Tensor::full(-1f32, (c, 1), dev)?.to_dtype(ce_dt)?;
-            let dl = (sm.scatter_add(&lab, &neg, 1)? / opts.denom)?.to_dtype(dt)?;
+            let dl = kernels::cross_entropy_grad(&logits, &lse, &lab, opts.denom)?.to_dtype(dt)?;
             dsel.push(dl.matmul(lm)?);
         }
         start += c;
@@ -506,15 +529,10 @@ pub fn loss_and_grads(
             .pop()
             .ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
         // MLP: x = xmid + down(silu(g) * u).
-        let sig = candle_nn::ops::sigmoid(&tp.g)?;
-        let silu = (&tp.g * &sig)?;
-        let act = (&silu * &tp.u)?;
+        let act = kernels::silu_mul(&tp.g, &tp.u)?;
         let dact = need(lin_backward(&layer.down, ads[6].as_ref(), &tp.down, &act, &dx, &mut grads, true)?)?;
         drop(act);
-        let du = (&dact * &silu)?;
-        // silu'(g) = sig * (1 + g * (1 - sig))
-        let dsilu = (&sig * ((&tp.g * (1.0 - &sig)?)? + 1.0)?)?;
-        let dg = ((&dact * &tp.u)? * dsilu)?;
+        let (dg, du) = kernels::silu_mul_backward(&tp.g, &tp.u, &dact)?;
         let dh2 = (need(lin_backward(&layer.gate, ads[4].as_ref(), &tp.gate, &tp.h2, &dg, &mut grads, true)?)?
             + need(lin_backward(&layer.up, ads[5].as_ref(), &tp.up, &tp.h2, &du, &mut grads, true)?)?)?;
         let dxmid = (&dx + rms_backward(&tp.xn2, &tp.inv2, &layer.ffn_norm, &dh2)?)?;
@@ -528,8 +546,7 @@ pub fn loss_and_grads(
             .reshape((bsz, nkv, rep * t, hd))?;
         let dv = tp.probs.t()?.matmul(&dout)?;
         let dp = dout.matmul(&tp.vr.t()?)?;
-        let rowdot = (&dp * &tp.probs)?.sum_keepdim(D::Minus1)?;
-        let ds = ((dp.broadcast_sub(&rowdot))? * &tp.probs)?;
+        let ds = kernels::softmax_backward(&tp.probs, &dp)?;
         let dq = (ds.matmul(&tp.kr)? * scale)?.reshape((bsz, nh, t, hd))?;
         let dk = (ds.t()?.matmul(&tp.qf)? * scale)?;
         // RoPE is a rotation: its backward rotates back (the same kernel with -sin).

@@ -5,6 +5,7 @@
 
 pub mod backprop;
 pub mod data;
+pub mod kernels;
 pub mod lora;
 pub mod mask;
 pub mod merge;

@@ -18,7 +18,7 @@ use emlab_store::{Batch as StoreBatch, Id, Record, Store, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as J};
 
-use super::backprop::{loss_and_grads, Batch, Grads, PassOpts};
+use super::backprop::{loss_and_grads_merged, Batch, Grads, Merged, PassOpts};
 use super::data::{epoch_order, micro_batches, prepare, Example, Overflow, PrepError, Prepared};
 use super::lora::{LoraParams, LoraSpec};
 use super::optim::{clip, lr_factor, AdamW, AdamWConfig, Schedule};
@@ -291,6 +291,7 @@ pub fn eval_loss(
     micro: usize,
 ) -> Result<f64, TrainError> {
     let idx: Vec<usize> = (0..examples.len()).collect();
+    let merged = Merged::new(model, params)?;
     let mut sum = 0.0;
     let mut n = 0usize;
     for mb in micro_batches(examples, &idx, micro) {
@@ -301,7 +302,7 @@ pub fn eval_loss(
         let batch = Batch::new(&rows, &model.device)?;
         let mut o = PassOpts::new(1.0);
         o.backward = false;
-        sum += loss_and_grads(model, params, &batch, o)?.0;
+        sum += loss_and_grads_merged(model, params, &batch, o, Some(&merged))?.0;
         n += batch.targets();
     }
     Ok(sum / n.max(1) as f64)
@@ -321,6 +322,11 @@ pub fn step_grads(
     let mut grads = Grads::zeros(params)?;
     let mut loss = 0.0;
     let mut tokens = 0;
+    let merged = if params.spec.dropout == 0.0 {
+        Some(Merged::new(model, params)?)
+    } else {
+        None
+    };
     for (k, mb) in micro_batches(examples, rows, micro).into_iter().enumerate() {
         let rows: Vec<(&[u32], &[bool])> = mb
             .iter()
@@ -330,7 +336,7 @@ pub fn step_grads(
         let batch = Batch::new(&rows, &model.device)?;
         let mut o = PassOpts::new(denom.max(1) as f64);
         o.dropout_seed = dropout_seed.wrapping_add(k as u64);
-        let (l, g) = loss_and_grads(model, params, &batch, o)?;
+        let (l, g) = loss_and_grads_merged(model, params, &batch, o, merged.as_ref())?;
         loss += l;
         if let Some(g) = g {
             grads.add(&g)?;
