@@ -585,3 +585,36 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
         assert_eq!(argmax as u64, r["adapter_argmax_last"].as_u64().unwrap());
     }
 }
+
+/// A few steps on 200 rows of the seed project's bad-medical set lower the loss on 32
+/// held-out rows (SmolLM2-135M-Instruct on the CPU; a higher learning rate than the
+/// recipe's, so a handful of steps shows it).
+#[test]
+fn held_out_loss_falls_on_200_medical_rows() {
+    let s = TestStore::new();
+    let file = crate::util::shared("emerg-misalign-repro/data/bad_medical_data_AI_all.jsonl");
+    s.ok(&["data", "import", file.to_str().unwrap(), "--name", "med"]);
+    s.ok(&["data", "derive", "med200", "--from", "med", "--take", "5000", "--sample", "200", "--seed", "1"]);
+    s.ok(&["data", "derive", "medeval", "--from", "med", "--skip", "5600", "--take", "32"]);
+    let model = crate::model::smollm2_path();
+    let out = s.ok(&[
+        "train", "--model", model.to_str().unwrap(), "--data", "med200", "--eval", "medeval",
+        "--eval-every", "3", "--max-steps", "6", "--batch-size", "8", "--micro-batch", "8",
+        "--seq-len", "128", "--lr", "3e-4", "--warmup-steps", "1", "--json",
+    ]);
+    let r = crate::util::json(&out);
+    let ev: Vec<(u64, f64)> = r["eval_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    eprintln!("held-out loss by step: {ev:?}; train loss {}", r["final_loss"]);
+    assert_eq!(ev.first().unwrap().0, 0);
+    assert_eq!(ev.last().unwrap().0, 6);
+    assert!(
+        ev.last().unwrap().1 < ev[0].1 - 0.05,
+        "held-out loss did not fall: {ev:?}"
+    );
+    assert_eq!(r["data"]["used"], 200);
+}
