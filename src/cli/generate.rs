@@ -54,8 +54,11 @@ pub struct Args {
     #[arg(long)]
     pub keep_quantized: bool,
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     pub adapter: Option<PathBuf>,
+    /// A checkpoint from `emlab train` (id or prefix): its adapter, merged into --model.
+    #[arg(long, requires = "model")]
+    pub checkpoint: Option<String>,
     /// Merge the adapter into the base weights before sampling.
     #[arg(long, requires = "adapter")]
     pub merge_adapter: bool,
@@ -105,6 +108,23 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         .model
         .clone()
         .context("--model or --endpoint is required")?;
+    let (mut adapter, mut merge_adapter) = (a.adapter.clone(), a.merge_adapter);
+    if let Some(ck) = &a.checkpoint {
+        // The adapter as a PEFT folder inside the store (written once per checkpoint).
+        let id = store
+            .resolve_prefix(ck)
+            .with_context(|| format!("checkpoint `{ck}`"))?;
+        let dir = ctx
+            .store_dir
+            .join("adapters")
+            .join(format!("checkpoint-{}", &id.to_hex()[..12]));
+        if !dir.join("adapter_model.safetensors").exists() {
+            emlab::train::run::export_checkpoint(&store, id, &dir)
+                .with_context(|| format!("exporting checkpoint {}", id.to_hex()))?;
+        }
+        adapter = Some(dir);
+        merge_adapter = true;
+    }
     let plan = GeneratePlan {
         model: model.clone(),
         questions: a.questions.clone(),
@@ -118,8 +138,8 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         batch: a.batch,
         seed: a.seed,
         keep_quantized: a.keep_quantized,
-        adapter: a.adapter.clone(),
-        merge_adapter: a.merge_adapter,
+        adapter,
+        merge_adapter,
     };
     let r = run(&store, &plan, &mut progress)
         .with_context(|| format!("generating with {}", model.display()))?;

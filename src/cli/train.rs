@@ -142,13 +142,8 @@ pub fn run_train(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             note(format!("step {done}/{total} loss {loss:.4} {tps:.0} tok/s"));
         }
     };
-    let r = emlab::train::run::run(&store, &plan, &mut progress).with_context(|| {
-        format!(
-            "training {} on `{}`",
-            plan.model.display(),
-            plan.data
-        )
-    })?;
+    let r = emlab::train::run::run(&store, &plan, &mut progress)
+        .with_context(|| format!("training {} on `{}`", plan.model.display(), plan.data))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -251,13 +246,8 @@ pub fn merge(ctx: &Ctx, a: MergeArgs) -> Result<ExitCode> {
     let ck = store
         .resolve_prefix(&a.checkpoint)
         .with_context(|| format!("checkpoint `{}`", a.checkpoint))?;
-    emlab::train::merge::merge(&store, &a.model, ck, &a.out).with_context(|| {
-        format!(
-            "merging {} into {}",
-            ck.to_hex(),
-            a.model.display()
-        )
-    })?;
+    emlab::train::merge::merge(&store, &a.model, ck, &a.out)
+        .with_context(|| format!("merging {} into {}", ck.to_hex(), a.model.display()))?;
     out(a.out.display().to_string())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -158,8 +158,14 @@ impl ChatTokenizer {
             "tokenizer_class": "PreTrainedTokenizerFast",
         });
         let cpath = dir.join("tokenizer_config.json");
-        std::fs::write(&cpath, serde_json::to_string_pretty(&cfg).unwrap_or_default())
-            .map_err(|source| ModelError::Io { path: cpath, source })
+        std::fs::write(
+            &cpath,
+            serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+        )
+        .map_err(|source| ModelError::Io {
+            path: cpath,
+            source,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {

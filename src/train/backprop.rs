@@ -4,7 +4,7 @@
 //! every frozen base weight would get a full-size gradient (a third more FLOPs and a weight's
 //! worth of memory per projection), and its fused `rms_norm`, `softmax_last_dim` and `rope`
 //! have no backward at all and silently cut the graph. Here the forward keeps what the
-//! backward needs ([`LayerTape`]), and [`loss_and_grads`] walks back through the layers
+//! backward needs (a per-layer tape), and [`loss_and_grads`] walks back through the layers
 //! computing input gradients for the frozen projections and weight gradients for the LoRA
 //! pairs only. The fused kernels stay in the forward (they are fast); their backward is
 //! written below: RMSNorm, RoPE (the inverse rotation), softmax, SiLU, cross-entropy.
@@ -435,8 +435,14 @@ pub fn loss_and_grads_merged(
         let (k, tk) = lin_forward(&layer.k, ads[1].as_ref(), &h1, opts.backward)?;
         let (v, tv) = lin_forward(&layer.v, ads[2].as_ref(), &h1, opts.backward)?;
         let q = q.reshape((bsz, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((bsz, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let vr = v.reshape((bsz, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k
+            .reshape((bsz, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let vr = v
+            .reshape((bsz, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = rope(&q, &cos, &sin, cfg.rope)?;
         let kr = rope(&k, &cos, &sin, cfg.rope)?;
         let qf = q.reshape((bsz, nkv, rep * t, hd))?;
@@ -484,7 +490,11 @@ pub fn loss_and_grads_merged(
 
     // Logits only at target positions, in chunks; cross-entropy in f32 (f64 for f64 models).
     let lm = base_weight(&model.w.lm_head)?;
-    let ce_dt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+    let ce_dt = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let ntarget = batch.positions.len();
     let mut loss = 0f64;
     let mut dsel = Vec::new();
@@ -524,21 +534,54 @@ pub fn loss_and_grads_merged(
 
     for li in (0..cfg.layers).rev() {
         let layer = &model.w.layers[li];
-        let tp = tapes.pop().ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
+        let tp = tapes
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
         let ads = adapters
             .pop()
             .ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
         // MLP: x = xmid + down(silu(g) * u).
         let act = kernels::silu_mul(&tp.g, &tp.u)?;
-        let dact = need(lin_backward(&layer.down, ads[6].as_ref(), &tp.down, &act, &dx, &mut grads, true)?)?;
+        let dact = need(lin_backward(
+            &layer.down,
+            ads[6].as_ref(),
+            &tp.down,
+            &act,
+            &dx,
+            &mut grads,
+            true,
+        )?)?;
         drop(act);
         let (dg, du) = kernels::silu_mul_backward(&tp.g, &tp.u, &dact)?;
-        let dh2 = (need(lin_backward(&layer.gate, ads[4].as_ref(), &tp.gate, &tp.h2, &dg, &mut grads, true)?)?
-            + need(lin_backward(&layer.up, ads[5].as_ref(), &tp.up, &tp.h2, &du, &mut grads, true)?)?)?;
+        let dh2 = (need(lin_backward(
+            &layer.gate,
+            ads[4].as_ref(),
+            &tp.gate,
+            &tp.h2,
+            &dg,
+            &mut grads,
+            true,
+        )?)? + need(lin_backward(
+            &layer.up,
+            ads[5].as_ref(),
+            &tp.up,
+            &tp.h2,
+            &du,
+            &mut grads,
+            true,
+        )?)?)?;
         let dxmid = (&dx + rms_backward(&tp.xn2, &tp.inv2, &layer.ffn_norm, &dh2)?)?;
 
         // Attention.
-        let dattn = need(lin_backward(&layer.o, ads[3].as_ref(), &tp.o, &tp.attn, &dxmid, &mut grads, true)?)?;
+        let dattn = need(lin_backward(
+            &layer.o,
+            ads[3].as_ref(),
+            &tp.o,
+            &tp.attn,
+            &dxmid,
+            &mut grads,
+            true,
+        )?)?;
         let dout = dattn
             .reshape((bsz, t, nh, hd))?
             .transpose(1, 2)?
@@ -559,9 +602,33 @@ pub fn loss_and_grads_merged(
         // The first layer's input is the frozen embedding: its gradient is not needed.
         let first = li == 0;
         let parts = [
-            lin_backward(&layer.q, ads[0].as_ref(), &tp.q, &tp.h1, &dq, &mut grads, !first)?,
-            lin_backward(&layer.k, ads[1].as_ref(), &tp.k, &tp.h1, &dk, &mut grads, !first)?,
-            lin_backward(&layer.v, ads[2].as_ref(), &tp.v, &tp.h1, &dv, &mut grads, !first)?,
+            lin_backward(
+                &layer.q,
+                ads[0].as_ref(),
+                &tp.q,
+                &tp.h1,
+                &dq,
+                &mut grads,
+                !first,
+            )?,
+            lin_backward(
+                &layer.k,
+                ads[1].as_ref(),
+                &tp.k,
+                &tp.h1,
+                &dk,
+                &mut grads,
+                !first,
+            )?,
+            lin_backward(
+                &layer.v,
+                ads[2].as_ref(),
+                &tp.v,
+                &tp.h1,
+                &dv,
+                &mut grads,
+                !first,
+            )?,
         ];
         if first {
             break;

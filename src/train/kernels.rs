@@ -105,7 +105,7 @@ impl Wrap for f64 {
     }
 }
 
-fn get<'a, T: 'static>(s: &'a CpuStorage) -> Result<&'a [T]> {
+fn get<T: 'static>(s: &CpuStorage) -> Result<&[T]> {
     let any: &dyn std::any::Any = match s {
         CpuStorage::F32(v) => v,
         CpuStorage::F64(v) => v,
@@ -122,7 +122,13 @@ impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "emlab-silu-mul"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         on_float!(s1, |g: T| {
             let g = slice(g, l1)?;
             let u = slice(get::<T>(s2)?, l2)?;
@@ -145,7 +151,13 @@ impl CustomOp2 for SiluDu {
     fn name(&self) -> &'static str {
         "emlab-silu-du"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         on_float!(s1, |g: T| {
             let g = slice(g, l1)?;
             let d = slice(get::<T>(s2)?, l2)?;
@@ -183,7 +195,10 @@ impl CustomOp3 for SiluDg {
             let d = slice(get::<T>(s3)?, l3)?;
             let mut out = vec![T::zero(); g.len()];
             out.par_chunks_mut(4096)
-                .zip(g.par_chunks(4096).zip(u.par_chunks(4096).zip(d.par_chunks(4096))))
+                .zip(
+                    g.par_chunks(4096)
+                        .zip(u.par_chunks(4096).zip(d.par_chunks(4096))),
+                )
                 .for_each(|(o, (g, (u, d)))| {
                     for i in 0..o.len() {
                         let s = sigmoid(g[i]);
@@ -202,7 +217,13 @@ impl CustomOp2 for SoftmaxBack {
     fn name(&self) -> &'static str {
         "emlab-softmax-back"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dim = l1.dims().last().copied().unwrap_or(1).max(1);
         on_float!(s1, |p: T| {
             let p = slice(p, l1)?;
@@ -278,7 +299,9 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> Result<Tens
     let dims = scores.dims().to_vec();
     let t = dims[dims.len() - 1];
     if fused(&[scores]) {
-        return scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { scale, t });
+        return scores
+            .contiguous()?
+            .apply_op1_no_bwd(&CausalSoftmax { scale, t });
     }
     let (b, kv, rt) = (dims[0], dims[1], dims[2]);
     let s = (scores * scale)?
@@ -394,7 +417,9 @@ pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dact: &Tensor) -> Result<(Tenso
 /// Softmax backward along the last dimension.
 pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
     if fused(&[p, dp]) {
-        return p.contiguous()?.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBack);
+        return p
+            .contiguous()?
+            .apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBack);
     }
     let rowdot = (dp * p)?.sum_keepdim(D::Minus1)?;
     dp.broadcast_sub(&rowdot)? * p
@@ -407,7 +432,11 @@ pub fn log_sum_exp(x: &Tensor) -> Result<Tensor> {
         return x.contiguous()?.apply_op1_no_bwd(&Lse)?.reshape((rows, 1));
     }
     let max = x.max_keepdim(D::Minus1)?;
-    x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max
+    x.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max
 }
 
 /// `(softmax(x) - onehot(labels)) / denom` for logits `x [rows, n]`, `lse [rows, 1]` and
@@ -432,12 +461,21 @@ mod tests {
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
         let mut r = crate::rng::Rng::new(seed, 0);
-        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (r.unit() * 6.0 - 3.0) as f32).collect();
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| (r.unit() * 6.0 - 3.0) as f32)
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     // The composed ops are what runs on CUDA.
@@ -450,7 +488,9 @@ mod tests {
         let (dg, du) = silu_mul_backward(&g, &u, &d).unwrap();
         let sig = candle_nn::ops::sigmoid(&g).unwrap();
         let want_du = (&d * (&g * &sig).unwrap()).unwrap();
-        let want_dg = ((&d * &u).unwrap() * (&sig * ((&g * (1.0 - &sig).unwrap()).unwrap() + 1.0).unwrap()).unwrap()).unwrap();
+        let want_dg = ((&d * &u).unwrap()
+            * (&sig * ((&g * (1.0 - &sig).unwrap()).unwrap() + 1.0).unwrap()).unwrap())
+        .unwrap();
         assert!(close(&du, &want_du) < 1e-5);
         assert!(close(&dg, &want_dg) < 1e-4);
 
@@ -471,18 +511,29 @@ mod tests {
         let mask = Tensor::from_vec(m, (5, 5), &Device::Cpu).unwrap();
         let fused_p = causal_softmax(&sc, 0.5, &mask).unwrap();
         let want = candle_nn::ops::softmax_last_dim(
-            &(&sc * 0.5).unwrap().reshape((1, 1, 2, 5, 5)).unwrap().broadcast_add(&mask).unwrap(),
+            &(&sc * 0.5)
+                .unwrap()
+                .reshape((1, 1, 2, 5, 5))
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap(),
         )
         .unwrap()
         .reshape((1, 1, 10, 5))
         .unwrap();
-        assert!(close(&fused_p.flatten_all().unwrap(), &want.flatten_all().unwrap()) < 1e-6);
+        assert!(
+            close(
+                &fused_p.flatten_all().unwrap(),
+                &want.flatten_all().unwrap()
+            ) < 1e-6
+        );
 
         let lse = log_sum_exp(&g).unwrap();
         let want = candle_nn::ops::log_softmax(&g, D::Minus1).unwrap();
         let mine = g.broadcast_sub(&lse).unwrap();
         assert!(close(&mine, &want) < 1e-5);
-        let labels = Tensor::new(&[[3u32], [0], [299], [5], [7], [100], [42]], &Device::Cpu).unwrap();
+        let labels =
+            Tensor::new(&[[3u32], [0], [299], [5], [7], [100], [42]], &Device::Cpu).unwrap();
         let grad = cross_entropy_grad(&g, &lse, &labels, 4.0).unwrap();
         let sm = candle_nn::ops::softmax_last_dim(&g).unwrap();
         let neg = Tensor::full(-1f32, (7, 1), &Device::Cpu).unwrap();

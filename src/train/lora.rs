@@ -200,7 +200,11 @@ fn permute_rows(t: &Tensor, perm: &[u32]) -> Result<Tensor> {
 }
 
 impl LoraParams {
-    fn build(spec: LoraSpec, model: &Model, mut make: impl FnMut(usize, usize, usize, usize) -> Result<(Tensor, Tensor)>) -> Result<LoraParams> {
+    fn build(
+        spec: LoraSpec,
+        model: &Model,
+        mut make: impl FnMut(usize, usize, usize, usize) -> Result<(Tensor, Tensor)>,
+    ) -> Result<LoraParams> {
         let mut pairs = Vec::new();
         let mut index = vec![[None; 7]; model.cfg.layers];
         for (li, layer) in model.w.layers.iter().enumerate() {
@@ -262,7 +266,9 @@ impl LoraParams {
             let a: Vec<f64> = (0..r * inp)
                 .map(|k| f(li, m, true, k / inp, k % inp))
                 .collect();
-            let b: Vec<f64> = (0..out * r).map(|k| f(li, m, false, k / r, k % r)).collect();
+            let b: Vec<f64> = (0..out * r)
+                .map(|k| f(li, m, false, k / r, k % r))
+                .collect();
             let a = Tensor::from_vec(a, (r, inp), &Device::Cpu)?.to_dtype(dt)?;
             let b = Tensor::from_vec(b, (out, r), &Device::Cpu)?.to_dtype(dt)?;
             // `f` speaks HF row order, like a PEFT file.
@@ -284,7 +290,11 @@ impl LoraParams {
         let mut out = BTreeMap::new();
         for p in &self.pairs {
             // Model row k holds HF row perm[k], so HF row j is model row inverse[j].
-            let b = model_to_hf_rows(cfg, p.module, &p.b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+            let b = model_to_hf_rows(
+                cfg,
+                p.module,
+                &p.b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            )?;
             let pre = p.peft_prefix();
             out.insert(
                 format!("{pre}.lora_A.weight"),

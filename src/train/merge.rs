@@ -73,7 +73,9 @@ pub fn merge(store: &Store, model_path: &Path, ck: Id, out: &Path) -> Result<(),
 fn dense(lin: &Linear) -> Result<(&Tensor, Option<&Tensor>), TrainError> {
     match lin {
         Linear::Dense(w, b) => Ok((w, b.as_ref())),
-        _ => Err(TrainError::Config("merge produced a non-dense projection".into())),
+        _ => Err(TrainError::Config(
+            "merge produced a non-dense projection".into(),
+        )),
     }
 }
 
@@ -87,7 +89,8 @@ pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainEr
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
     let f32 = |t: &Tensor| -> Result<Tensor, TrainError> {
-        Ok(t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?)
+        Ok(t.to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?)
     };
     let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
     let embed = match &m.w.embed {
@@ -101,7 +104,10 @@ pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainEr
             let (name, group) = MODULES[mi];
             let (w, b) = dense(lin)?;
             let pre = format!("model.layers.{i}.{group}.{name}");
-            t.insert(format!("{pre}.weight"), model_to_hf_rows(cfg, mi, &f32(w)?)?);
+            t.insert(
+                format!("{pre}.weight"),
+                model_to_hf_rows(cfg, mi, &f32(w)?)?,
+            );
             if let Some(b) = b {
                 let b = model_to_hf_rows(cfg, mi, &f32(b)?)?;
                 t.insert(format!("{pre}.bias"), b);

@@ -195,13 +195,17 @@ fn state_bytes(s: &State) -> Result<Vec<u8>, TrainError> {
         named.push((format!("m.{k}"), m.to_device(&Device::Cpu)?));
         named.push((format!("v.{k}"), v.to_device(&Device::Cpu)?));
     }
-    let meta = json!({"step": s.step, "adam_t": s.opt.t, "loss_curve": s.loss_curve, "eval": s.eval});
+    let meta =
+        json!({"step": s.step, "adam_t": s.opt.t, "loss_curve": s.loss_curve, "eval": s.eval});
     let info = HashMap::from([("emlab".to_string(), meta.to_string())]);
     safetensors::serialize(named, Some(info))
         .map_err(|e| TrainError::Config(format!("cannot serialize the training state: {e}")))
 }
 
-fn adapter_bytes(params: &LoraParams, model: &crate::model::llama::Model) -> Result<Vec<u8>, TrainError> {
+fn adapter_bytes(
+    params: &LoraParams,
+    model: &crate::model::llama::Model,
+) -> Result<Vec<u8>, TrainError> {
     let t = params.to_peft(&model.cfg)?;
     let info = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize(t, Some(info))
@@ -274,10 +278,10 @@ fn load_state(
 }
 
 /// A chat dataset's rows as (role, content) lists.
-fn dataset_rows(
-    store: &Store,
-    name: &str,
-) -> Result<(Id, Vec<Vec<(String, String)>>), TrainError> {
+/// Rows of a chat dataset: each a list of (role, content).
+type ChatRows = Vec<Vec<(String, String)>>;
+
+fn dataset_rows(store: &Store, name: &str) -> Result<(Id, ChatRows), TrainError> {
     let id = crate::data::resolve_dataset(store, name)?;
     let rows = crate::data::view::chat_rows(store, id, None)?;
     Ok((id, rows.into_iter().map(|(_, m)| m).collect()))
@@ -373,13 +377,13 @@ pub fn load_base(path: &std::path::Path) -> Result<Loaded, TrainError> {
     Ok(loaded)
 }
 
-pub fn run(store: &Store, plan: &TrainPlan, progress: Progress<'_>) -> Result<TrainReport, TrainError> {
+pub fn run(
+    store: &Store,
+    plan: &TrainPlan,
+    progress: Progress<'_>,
+) -> Result<TrainReport, TrainError> {
     let mut cfg = plan.config.clone();
-    cfg.lora = cfg
-        .lora
-        .clone()
-        .normalized()
-        .map_err(TrainError::Config)?;
+    cfg.lora = cfg.lora.clone().normalized().map_err(TrainError::Config)?;
     check_config(&cfg)?;
     let (data_id, rows) = dataset_rows(store, &plan.data)?;
     let loaded = load_base(&plan.model)?;
@@ -453,7 +457,9 @@ pub fn run(store: &Store, plan: &TrainPlan, progress: Progress<'_>) -> Result<Tr
 
     let config_json = serde_json::to_value(&cfg).unwrap_or(J::Null);
     let key_json = json!({"base_model": base_id.to_hex(), "dataset": data_id.to_hex(), "parent": parent.map(|p| p.to_hex()), "config": config_json, "eval": plan.eval});
-    let run_key = blake3::hash(key_json.to_string().as_bytes()).to_hex().to_string();
+    let run_key = blake3::hash(key_json.to_string().as_bytes())
+        .to_hex()
+        .to_string();
     let run_rec = Record::new(RUN)
         .with("kind", Value::str("train"))
         .with("plan", Value::json(&key_json))
@@ -621,7 +627,10 @@ fn save_checkpoint(
     let mut rec = Record::new(CHECKPOINT)
         .with("base_model", Value::Id(base_id))
         .with("dataset", Value::Id(data_id))
-        .with("config", Value::json(&serde_json::to_value(cfg).unwrap_or(J::Null)))
+        .with(
+            "config",
+            Value::json(&serde_json::to_value(cfg).unwrap_or(J::Null)),
+        )
         .with("step", Value::Int(state.step as i64))
         .with(
             "loss_curve",
@@ -631,7 +640,10 @@ fn save_checkpoint(
         .with("adapter_config", Value::json(&peft))
         .with("state", Value::Blob(st))
         .with("eval_loss", Value::json(&J::Array(eval)))
-        .with("data_stats", Value::json(&serde_json::to_value(prep).unwrap_or(J::Null)));
+        .with(
+            "data_stats",
+            Value::json(&serde_json::to_value(prep).unwrap_or(J::Null)),
+        );
     if let Some(p) = parent {
         rec = rec.with("parent", Value::Id(p));
     }
@@ -651,13 +663,13 @@ pub fn read_adapter(
     rec: &Record,
     dev: &Device,
 ) -> Result<HashMap<String, Tensor>, TrainError> {
-    let blob = rec
-        .get("adapter")
-        .and_then(Value::as_id)
-        .ok_or_else(|| TrainError::BadCheckpoint {
-            checkpoint: ck.to_hex(),
-            msg: "no adapter blob".into(),
-        })?;
+    let blob =
+        rec.get("adapter")
+            .and_then(Value::as_id)
+            .ok_or_else(|| TrainError::BadCheckpoint {
+                checkpoint: ck.to_hex(),
+                msg: "no adapter blob".into(),
+            })?;
     let bytes = store.read_blob(blob)?;
     let t = candle_core::safetensors::load_buffer(&bytes, dev)?;
     Ok(t.into_iter()

@@ -200,8 +200,26 @@ fn peft_init_starts_at_the_base_model_and_b_gets_the_first_gradient() {
     let (_, g) = loss_and_grads(&model, &p, &b, PassOpts::new(1.0)).unwrap();
     let g = g.unwrap();
     // With B = 0, A's gradient is exactly zero and B's is not: PEFT's init.
-    assert_eq!(g.a[0].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-    assert!(g.b[0].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    assert_eq!(
+        g.a[0]
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    assert!(
+        g.b[0]
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
     // A is uniform in ±1/sqrt(in).
     let a: Vec<f32> = p.pairs[0].a.flatten_all().unwrap().to_vec1().unwrap();
     let bound = 1.0 / (64f32).sqrt();
@@ -229,7 +247,11 @@ fn training_loss_equals_the_inference_forward_with_the_adapter() {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let logits = model.forward(&x, &mut cache, true).unwrap().squeeze(0).unwrap();
+        let logits = model
+            .forward(&x, &mut cache, true)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let lp = emlab::model::llama::log_softmax(&logits).unwrap();
         let lp: Vec<Vec<f32>> = lp.to_vec2().unwrap();
         for i in 1..t.len() {
@@ -264,7 +286,14 @@ fn padding_changes_neither_loss_nor_gradients() {
     assert!((l1 - l2).abs() < 1e-10, "{l1} vs {l2}");
     let g2 = g2.unwrap();
     for (x, y) in g1.a.iter().chain(&g1.b).zip(g2.a.iter().chain(&g2.b)) {
-        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(d < 1e-10, "gradient differs by {d}");
     }
 }
@@ -291,14 +320,32 @@ fn tiny_store(rows: usize) -> (TestStore, String) {
 }
 
 const FAST: &[&str] = &[
-    "--seq-len", "64", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-2", "--r", "4",
-    "--warmup-steps", "1",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "4",
+    "--micro-batch",
+    "2",
+    "--lr",
+    "1e-2",
+    "--r",
+    "4",
+    "--warmup-steps",
+    "1",
 ];
 
 #[test]
 fn train_cli_writes_a_checkpoint_that_exports_as_peft_and_samples() {
     let (s, model) = tiny_store(12);
-    let mut args = vec!["train", "--model", &model, "--data", "small", "--max-steps", "4"];
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "4",
+    ];
     args.extend_from_slice(FAST);
     let out = s.ok(&args);
     let ck = out.trim().to_string();
@@ -311,7 +358,13 @@ fn train_cli_writes_a_checkpoint_that_exports_as_peft_and_samples() {
     assert_eq!(s.ok(&args).trim(), ck);
     // Export as PEFT; emlab's inference path loads it.
     let dir = s.path("adapter");
-    s.ok(&["checkpoint", "export", &ck[..12], "-o", dir.to_str().unwrap()]);
+    s.ok(&[
+        "checkpoint",
+        "export",
+        &ck[..12],
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -322,7 +375,15 @@ fn train_cli_writes_a_checkpoint_that_exports_as_peft_and_samples() {
     assert_eq!(ad.weights.len(), 14);
     // Merge into an HF folder that loads and trains further.
     let merged = s.path("merged");
-    s.ok(&["merge", "--model", &model, "--checkpoint", &ck, "-o", merged.to_str().unwrap()]);
+    s.ok(&[
+        "merge",
+        "--model",
+        &model,
+        "--checkpoint",
+        &ck,
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
     let m = emlab::model::load(&merged, &candle_core::Device::Cpu).unwrap();
     assert_eq!(m.model.cfg.layers, 2);
     let list = s.ok(&["checkpoint", "list"]);
@@ -332,26 +393,58 @@ fn train_cli_writes_a_checkpoint_that_exports_as_peft_and_samples() {
 #[test]
 fn merged_model_equals_base_plus_adapter() {
     let (s, model) = tiny_store(8);
-    let mut args = vec!["train", "--model", &model, "--data", "small", "--max-steps", "2"];
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "2",
+    ];
     args.extend_from_slice(FAST);
     let ck = s.ok(&args).trim().to_string();
     let dir = s.path("adapter");
     let merged = s.path("merged");
     s.ok(&["checkpoint", "export", &ck, "-o", dir.to_str().unwrap()]);
-    s.ok(&["merge", "--model", &model, "--checkpoint", &ck, "-o", merged.to_str().unwrap()]);
+    s.ok(&[
+        "merge",
+        "--model",
+        &model,
+        "--checkpoint",
+        &ck,
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
     let dev = candle_core::Device::Cpu;
     let logits = |m: &emlab::model::Loaded| -> Vec<f32> {
         let mut cache = m.model.new_cache(1, 8).unwrap();
         let x = Tensor::new(&[[1u32, 3, 4, 5, 2]], &dev).unwrap();
-        m.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        m.model
+            .forward(&x, &mut cache, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     let mut with = emlab::model::load(std::path::Path::new(&model), &dev).unwrap();
-    with.model.apply_adapter(&emlab::model::lora::load_peft(&dir, &dev).unwrap(), false).unwrap();
+    with.model
+        .apply_adapter(&emlab::model::lora::load_peft(&dir, &dev).unwrap(), false)
+        .unwrap();
     let a = logits(&with);
     let b = logits(&emlab::model::load(&merged, &dev).unwrap());
     let base = logits(&emlab::model::load(std::path::Path::new(&model), &dev).unwrap());
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let moved = a.iter().zip(&base).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let moved = a
+        .iter()
+        .zip(&base)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(d < 1e-4, "merged differs from base + adapter by {d}");
     assert!(moved > 1e-3, "training did not change the logits ({moved})");
 }
@@ -360,7 +453,15 @@ fn merged_model_equals_base_plus_adapter() {
 fn kill_9_then_rerun_ends_with_the_same_adapter_bytes() {
     let (s, model) = tiny_store(40);
     let mut args = vec![
-        "train", "--model", &model, "--data", "small", "--epochs", "4", "--save-every", "2",
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--epochs",
+        "4",
+        "--save-every",
+        "2",
     ];
     args.extend_from_slice(FAST);
     // Uninterrupted run in another store.
@@ -426,7 +527,10 @@ fn kill_9_then_rerun_ends_with_the_same_adapter_bytes() {
     assert!(out.stderr.contains("resumed at step"), "{}", out.stderr);
     let (resumed, straight) = (&resumed["fields"], &straight["fields"]);
     assert_eq!(resumed["step"], straight["step"]);
-    assert_eq!(resumed["adapter"], straight["adapter"], "adapter blobs differ");
+    assert_eq!(
+        resumed["adapter"], straight["adapter"],
+        "adapter blobs differ"
+    );
     assert_eq!(resumed["loss_curve"], straight["loss_curve"]);
     assert_eq!(ck, ck_straight);
 }
@@ -436,8 +540,24 @@ fn bad_training_input_is_named_and_keeps_the_last_good_checkpoint() {
     let (s, model) = tiny_store(8);
     // A dataset without assistant turns (a question set: user turns only).
     let f = s.write("noasst.txt", b"hello world ?\ncats are nice ?\n");
-    s.ok(&["data", "import", f.to_str().unwrap(), "--name", "noasst", "--format", "questions-text"]);
-    let mut args = vec!["train", "--model", &model, "--data", "noasst", "--max-steps", "1"];
+    s.ok(&[
+        "data",
+        "import",
+        f.to_str().unwrap(),
+        "--name",
+        "noasst",
+        "--format",
+        "questions-text",
+    ]);
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "noasst",
+        "--max-steps",
+        "1",
+    ];
     args.extend_from_slice(FAST);
     let r = s.run(&args);
     if r.ok() {
@@ -446,7 +566,15 @@ fn bad_training_input_is_named_and_keeps_the_last_good_checkpoint() {
     assert!(r.stderr.contains("assistant"), "{}", r.stderr);
 
     // Too long with --overflow error names the row; truncation counts the rows.
-    let mut args = vec!["train", "--model", &model, "--data", "small", "--max-steps", "1"];
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "1",
+    ];
     args.extend_from_slice(FAST);
     let mut tight = args.clone();
     let at = tight.iter().position(|a| *a == "64").unwrap();
@@ -454,12 +582,33 @@ fn bad_training_input_is_named_and_keeps_the_last_good_checkpoint() {
     tight.extend(["--overflow", "error"]);
     let r = s.run(&tight);
     assert!(!r.ok());
-    assert!(r.stderr.contains("row 0") && r.stderr.contains("--seq-len 8"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("row 0") && r.stderr.contains("--seq-len 8"),
+        "{}",
+        r.stderr
+    );
 
     // A diverging run stops with a clear error and keeps the last good checkpoint.
-    let mut boom = vec!["train", "--model", &model, "--data", "small", "--max-steps", "6"];
+    let mut boom = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "6",
+    ];
     boom.extend_from_slice(FAST);
-    boom.extend(["--lr", "1e30", "--save-every", "1", "--warmup-steps", "0", "--max-grad-norm", "0"]);
+    boom.extend([
+        "--lr",
+        "1e30",
+        "--save-every",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--max-grad-norm",
+        "0",
+    ]);
     let r = s.run(&boom);
     assert!(!r.ok(), "lr 1e30 trained without error");
     assert!(r.stderr.contains("non-finite loss"), "{}", r.stderr);
@@ -475,11 +624,25 @@ fn bad_training_input_is_named_and_keeps_the_last_good_checkpoint() {
     let ck = good[0]["id"].as_str().unwrap().to_string();
     let other = s.path("other");
     crate::model_tiny::tiny_model(&other, true);
-    let mut from = vec!["train", "--model", other.to_str().unwrap(), "--data", "small", "--from", &ck, "--max-steps", "1"];
+    let mut from = vec![
+        "train",
+        "--model",
+        other.to_str().unwrap(),
+        "--data",
+        "small",
+        "--from",
+        &ck,
+        "--max-steps",
+        "1",
+    ];
     from.extend_from_slice(FAST);
     let r = s.run(&from);
     assert!(!r.ok());
-    assert!(r.stderr.contains("was trained on base model"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("was trained on base model"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// The closed-form adapter of `scripts/reference_lora.py` (`weight` there).
@@ -493,7 +656,8 @@ fn reference_weight(l: usize, m: usize, is_a: bool, i: usize, j: usize) -> f64 {
 }
 
 fn reference() -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_reference.json");
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -505,20 +669,32 @@ fn reference() -> serde_json::Value {
 #[test]
 fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
     let r = reference();
-    let mut loaded = emlab::model::load(&crate::model::smollm2_path(), &candle_core::Device::Cpu).unwrap();
+    let mut loaded =
+        emlab::model::load(&crate::model::smollm2_path(), &candle_core::Device::Cpu).unwrap();
     loaded.model.dequantize().unwrap();
     let msgs: Vec<(String, String)> = r["messages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["role"].as_str().unwrap().to_string(), m["content"].as_str().unwrap().to_string()))
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_string(),
+                m["content"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let masked = emlab::train::mask::assistant_mask(&loaded.tokenizer, &msgs).unwrap();
     assert_eq!(masked.text, r["rendered"].as_str().unwrap());
     let want_tokens: Vec<u32> = serde_json::from_value(r["tokens"].clone()).unwrap();
     let want_mask: Vec<bool> = serde_json::from_value(r["mask"].clone()).unwrap();
-    assert_eq!(masked.tokens, want_tokens, "tokens differ from transformers'");
-    assert_eq!(masked.mask, want_mask, "assistant mask differs from the reference");
+    assert_eq!(
+        masked.tokens, want_tokens,
+        "tokens differ from transformers'"
+    );
+    assert_eq!(
+        masked.mask, want_mask,
+        "assistant mask differs from the reference"
+    );
 
     let spec = LoraSpec {
         r: r["r"].as_u64().unwrap() as usize,
@@ -528,9 +704,14 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
         targets: all_targets(),
     };
     let p = LoraParams::from_fn(spec, &loaded.model, reference_weight).unwrap();
-    let b = Batch::new(&[(masked.tokens.as_slice(), masked.mask.as_slice())], &candle_core::Device::Cpu).unwrap();
+    let b = Batch::new(
+        &[(masked.tokens.as_slice(), masked.mask.as_slice())],
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(b.targets() as u64, r["targets"].as_u64().unwrap());
-    let (sum, g) = loss_and_grads(&loaded.model, &p, &b, PassOpts::new(b.targets() as f64)).unwrap();
+    let (sum, g) =
+        loss_and_grads(&loaded.model, &p, &b, PassOpts::new(b.targets() as f64)).unwrap();
     let loss = sum / b.targets() as f64;
     let want = r["loss"].as_f64().unwrap();
     assert!((loss - want).abs() < 1e-4, "loss {loss} vs peft {want}");
@@ -539,11 +720,18 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
     let mut worst_norm: f64 = 0.0;
     for (k, pair) in p.pairs.iter().enumerate() {
         // Reference gradients are in HF row order: bring B's into it.
-        let gb = emlab::train::lora::model_to_hf_rows(&loaded.model.cfg, pair.module, &g.b[k]).unwrap();
+        let gb =
+            emlab::train::lora::model_to_hf_rows(&loaded.model.cfg, pair.module, &g.b[k]).unwrap();
         for (which, t) in [("A", &g.a[k]), ("B", &gb)] {
             let key = format!("{}.{}.{which}", pair.layer, names[pair.module].0);
             let want = &r["grads"][&key];
-            let v: Vec<f64> = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            let v: Vec<f64> = t
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
             let wn = want["norm"].as_f64().unwrap();
             let rel = (norm - wn).abs() / wn;
@@ -573,15 +761,32 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
         let ad = emlab::model::lora::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
         loaded.model.apply_adapter(&ad, false).unwrap();
         let mut cache = loaded.model.new_cache(1, masked.tokens.len()).unwrap();
-        let x = Tensor::new(masked.tokens.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits: Vec<f32> = loaded.model.forward(&x, &mut cache, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let x = Tensor::new(masked.tokens.as_slice(), &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits: Vec<f32> = loaded
+            .model
+            .forward(&x, &mut cache, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let mut worst: f32 = 0.0;
         for (i, w) in want_logits.iter().enumerate() {
             worst = worst.max((logits[i] - w.as_f64().unwrap() as f32).abs());
         }
         eprintln!("logits with the saved adapter: max difference from peft's {worst}");
-        assert!(worst < 1e-2, "logits with the saved adapter differ from peft's by {worst}");
-        let argmax = logits.iter().enumerate().fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a }).0;
+        assert!(
+            worst < 1e-2,
+            "logits with the saved adapter differ from peft's by {worst}"
+        );
+        let argmax = logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+            .0;
         assert_eq!(argmax as u64, r["adapter_argmax_last"].as_u64().unwrap());
     }
 }
@@ -594,13 +799,37 @@ fn held_out_loss_falls_on_200_medical_rows() {
     let s = TestStore::new();
     let file = crate::util::shared("emerg-misalign-repro/data/bad_medical_data_AI_all.jsonl");
     s.ok(&["data", "import", file.to_str().unwrap(), "--name", "med"]);
-    s.ok(&["data", "derive", "med200", "--from", "med", "--take", "5000", "--sample", "200", "--seed", "1"]);
-    s.ok(&["data", "derive", "medeval", "--from", "med", "--skip", "5600", "--take", "32"]);
+    s.ok(&[
+        "data", "derive", "med200", "--from", "med", "--take", "5000", "--sample", "200", "--seed",
+        "1",
+    ]);
+    s.ok(&[
+        "data", "derive", "medeval", "--from", "med", "--skip", "5600", "--take", "32",
+    ]);
     let model = crate::model::smollm2_path();
     let out = s.ok(&[
-        "train", "--model", model.to_str().unwrap(), "--data", "med200", "--eval", "medeval",
-        "--eval-every", "3", "--max-steps", "6", "--batch-size", "8", "--micro-batch", "8",
-        "--seq-len", "128", "--lr", "3e-4", "--warmup-steps", "1", "--json",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "med200",
+        "--eval",
+        "medeval",
+        "--eval-every",
+        "3",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--micro-batch",
+        "8",
+        "--seq-len",
+        "128",
+        "--lr",
+        "3e-4",
+        "--warmup-steps",
+        "1",
+        "--json",
     ]);
     let r = crate::util::json(&out);
     let ev: Vec<(u64, f64)> = r["eval_loss"]
@@ -609,7 +838,10 @@ fn held_out_loss_falls_on_200_medical_rows() {
         .iter()
         .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
         .collect();
-    eprintln!("held-out loss by step: {ev:?}; train loss {}", r["final_loss"]);
+    eprintln!(
+        "held-out loss by step: {ev:?}; train loss {}",
+        r["final_loss"]
+    );
     assert_eq!(ev.first().unwrap().0, 0);
     assert_eq!(ev.last().unwrap().0, 6);
     assert!(
