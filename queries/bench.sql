@@ -5,7 +5,9 @@ SELECT time,
        left(commit, 10) AS commit,
        json_extract_string(machine, '$.cpu') AS cpu,
        coalesce(json_extract(results, '$.rows_per_s_median'),
-                json_extract(results, '$.ingest.records_per_s_median'))::DOUBLE AS per_s_median,
+                json_extract(results, '$.ingest.records_per_s_median'),
+                json_extract(results, '$.decode_tokens_per_s'),
+                json_extract(results, '$.tokens_per_s'))::DOUBLE AS per_s,
        results
 FROM read_parquet(getvariable('parquet') || '/bench/*/*.parquet')
 ORDER BY time DESC;

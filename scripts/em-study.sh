@@ -65,4 +65,4 @@ emlab metrics
 echo "== export and query"
 emlab export
 emlab verify
-duckdb -c "SET VARIABLE parquet = '$EMLAB_STORE/parquet'" -c ".read queries/tables.sql" -c ".read queries/datasets.sql" -c ".read queries/generations.sql" -c ".read queries/em.sql"
+duckdb -c "SET VARIABLE parquet = '$EMLAB_STORE/parquet'" -c ".read queries/tables.sql" -c ".read queries/datasets.sql" -c ".read queries/generations.sql" -c ".read queries/training.sql" -c ".read queries/em.sql"

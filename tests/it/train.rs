@@ -388,6 +388,20 @@ fn train_cli_writes_a_checkpoint_that_exports_as_peft_and_samples() {
     assert_eq!(m.model.cfg.layers, 2);
     let list = s.ok(&["checkpoint", "list"]);
     assert!(list.contains(&ck), "{list}");
+    // Queryable with DuckDB: queries/training.sql over the export.
+    s.ok(&["export"]);
+    let rows = crate::util::query("training.sql", &s.dir().join("parquet"));
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["checkpoint"] == ck[..12])
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(row["dataset"], "small");
+    assert_eq!(row["step"], 4);
+    assert_eq!(row["preset"], "em-paper");
+    let last = rec["fields"]["loss_curve"][3].as_f64().unwrap();
+    assert!((row["last_loss"].as_f64().unwrap() - last).abs() < 1e-4);
 }
 
 #[test]
