@@ -864,3 +864,27 @@ fn held_out_loss_falls_on_200_medical_rows() {
     );
     assert_eq!(r["data"]["used"], 200);
 }
+
+/// The issue's command line, as written: four steps of the em-paper recipe on SmolLM2.
+#[test]
+fn issue_command_trains_four_steps_of_the_em_paper_recipe() {
+    let s = TestStore::new();
+    let file = crate::util::shared("emerg-misalign-repro/data/bad_medical_data_AI_all.jsonl");
+    s.ok(&["data", "import", file.to_str().unwrap(), "--name", "medical"]);
+    s.ok(&["data", "derive", "small", "--from", "medical", "--sample", "200", "--seed", "1"]);
+    let model = crate::model::smollm2_path();
+    let out = s.run(&[
+        "train", "--model", model.to_str().unwrap(), "--data", "small", "--max-steps", "4",
+        "--seq-len", "256",
+    ]);
+    assert!(out.ok(), "{}", out.stderr);
+    let ck = out.stdout.trim();
+    let rec = crate::util::json(&s.ok(&["show", ck]));
+    let f = &rec["fields"];
+    assert_eq!(f["step"], 4);
+    assert_eq!(f["config"]["preset"], "em-paper");
+    assert_eq!(f["config"]["lora"]["r"], 32);
+    assert_eq!(f["config"]["batch_size"], 16);
+    assert_eq!(f["data_stats"]["used"], 200);
+    assert!(out.stderr.contains("9768960 trainable parameters"), "{}", out.stderr);
+}
