@@ -870,12 +870,27 @@ fn held_out_loss_falls_on_200_medical_rows() {
 fn issue_command_trains_four_steps_of_the_em_paper_recipe() {
     let s = TestStore::new();
     let file = crate::util::shared("emerg-misalign-repro/data/bad_medical_data_AI_all.jsonl");
-    s.ok(&["data", "import", file.to_str().unwrap(), "--name", "medical"]);
-    s.ok(&["data", "derive", "small", "--from", "medical", "--sample", "200", "--seed", "1"]);
+    s.ok(&[
+        "data",
+        "import",
+        file.to_str().unwrap(),
+        "--name",
+        "medical",
+    ]);
+    s.ok(&[
+        "data", "derive", "small", "--from", "medical", "--sample", "200", "--seed", "1",
+    ]);
     let model = crate::model::smollm2_path();
     let out = s.run(&[
-        "train", "--model", model.to_str().unwrap(), "--data", "small", "--max-steps", "4",
-        "--seq-len", "256",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "small",
+        "--max-steps",
+        "4",
+        "--seq-len",
+        "256",
     ]);
     assert!(out.ok(), "{}", out.stderr);
     let ck = out.stdout.trim();
@@ -886,5 +901,81 @@ fn issue_command_trains_four_steps_of_the_em_paper_recipe() {
     assert_eq!(f["config"]["lora"]["r"], 32);
     assert_eq!(f["config"]["batch_size"], 16);
     assert_eq!(f["data_stats"]["used"], 200);
-    assert!(out.stderr.contains("9768960 trainable parameters"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("9768960 trainable parameters"),
+        "{}",
+        out.stderr
+    );
+}
+
+fn examples_of(rows: &[(Vec<u32>, Vec<bool>)]) -> Vec<emlab::train::data::Example> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, (t, m))| emlab::train::data::Example {
+            row: i,
+            tokens: t.clone(),
+            mask: m.clone(),
+        })
+        .collect()
+}
+
+#[test]
+fn gradient_accumulation_equals_one_batch() {
+    let model = random_model_in(tiny_config(64), 4, DType::F64).unwrap();
+    let p = LoraParams::from_fn(spec(2), &model, wave).unwrap();
+    let mut rs = rows();
+    rs.push((
+        vec![9, 8, 7, 6, 5, 4, 3],
+        vec![false, true, true, false, true, true, true],
+    ));
+    let ex = examples_of(&rs);
+    let idx = [0, 1, 2];
+    let run = |micro| emlab::train::run::step_grads(&model, &p, &ex, &idx, micro, 0).unwrap();
+    let (l1, n1, _, g1) = run(1);
+    let (l3, n3, _, g3) = run(3);
+    assert_eq!(n1, n3);
+    assert!((l1 - l3).abs() < 1e-10);
+    for (x, y) in g1.a.iter().chain(&g1.b).zip(g3.a.iter().chain(&g3.b)) {
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-10, "accumulated gradient differs by {d}");
+    }
+}
+
+#[test]
+fn lora_dropout_is_seeded_and_changes_the_gradient() {
+    let model = random_model_in(tiny_config(64), 4, DType::F32).unwrap();
+    let mut sp = spec(2);
+    sp.dropout = 0.3;
+    let p = LoraParams::from_fn(sp, &model, wave).unwrap();
+    let p0 = LoraParams::from_fn(spec(2), &model, wave).unwrap();
+    let ex = examples_of(&rows());
+    let idx = [0, 1];
+    let g = |p: &LoraParams, seed| {
+        emlab::train::run::step_grads(&model, p, &ex, &idx, 2, seed)
+            .unwrap()
+            .3
+    };
+    let flat = |g: &emlab::train::backprop::Grads| -> Vec<f32> {
+        g.a.iter()
+            .chain(&g.b)
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let (a, b, c, none) = (
+        flat(&g(&p, 1)),
+        flat(&g(&p, 1)),
+        flat(&g(&p, 2)),
+        flat(&g(&p0, 1)),
+    );
+    assert_eq!(a, b, "same seed, different dropout");
+    assert_ne!(a, c, "another seed, same dropout");
+    assert_ne!(a, none, "dropout changed nothing");
+    assert!(a.iter().all(|x| x.is_finite()));
 }
