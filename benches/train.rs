@@ -1,0 +1,48 @@
+//! LoRA training-step benchmark on a tiny random-weight model (runs anywhere, no files): one
+//! forward + backward over 4 rows of 128 tokens, then an AdamW update. `cargo bench --bench
+//! train`. For the real model, `emlab bench train --model ...` stores its results.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use emlab::model::tiny::{random_model, tiny_config};
+use emlab::train::data::Example;
+use emlab::train::lora::{LoraParams, LoraSpec};
+use emlab::train::optim::AdamW;
+use emlab::train::run::step_grads;
+
+fn bench(c: &mut Criterion) {
+    let model = random_model(tiny_config(512), 1).expect("tiny model");
+    let spec = LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        rslora: true,
+        dropout: 0.0,
+        targets: emlab::model::lora::MODULES
+            .iter()
+            .map(|m| m.0.to_string())
+            .collect(),
+    };
+    let mut params = LoraParams::init(spec, &model, 0).expect("adapter");
+    let mut opt = AdamW::new(Default::default(), &params).expect("optimizer");
+    let examples: Vec<Example> = (0..4)
+        .map(|r| Example {
+            row: r,
+            tokens: (0..128).map(|i| ((i * 7 + r * 13) % 500) as u32).collect(),
+            mask: (0..128).map(|i| i >= 64).collect(),
+        })
+        .collect();
+    let rows = [0, 1, 2, 3];
+    let mut g = c.benchmark_group("tiny-model");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(4 * 128));
+    g.bench_function("LoRA step, 4 x 128 tokens", |b| {
+        b.iter(|| {
+            let (_, _, _, grads) =
+                step_grads(&model, &params, &examples, &rows, 4, 0).expect("step");
+            opt.step(&mut params, &grads, 1e-4).expect("update");
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
