@@ -497,7 +497,14 @@ pub(crate) fn table_of(stored: &[u8]) -> Result<&str> {
 fn open_db(path: &Path) -> Result<Database> {
     // A damaged file can make redb panic instead of returning an error; turn that into an
     // error naming the file, and never re-create over it.
-    let opened = std::panic::catch_unwind(|| Database::builder().create(path));
+    // MultiWriter: other emlab processes may open the store while one writes (`show`,
+    // `export` or `checkpoint list` beside a running `train`, or two jobs at once); redb
+    // serialises write transactions across processes and readers follow the commits.
+    let opened = std::panic::catch_unwind(|| {
+        Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create(path)
+    });
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(Error::Locked {

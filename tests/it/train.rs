@@ -979,3 +979,61 @@ fn lora_dropout_is_seeded_and_changes_the_gradient() {
     assert_ne!(a, none, "dropout changed nothing");
     assert!(a.iter().all(|x| x.is_finite()));
 }
+
+/// Other commands read (and write) the store while `train` writes to it.
+#[test]
+fn the_store_is_usable_while_training_runs() {
+    let (s, model) = tiny_store(40);
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--epochs",
+        "30",
+        "--save-every",
+        "1",
+    ];
+    args.extend_from_slice(FAST);
+    let mut child = crate::util::emlab()
+        .arg("--store")
+        .arg(s.dir())
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen_mid_run = 0;
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && t0.elapsed().as_secs() < 120 {
+        let r = crate::util::run_in(&s.dir(), &["checkpoint", "list", "--json"]);
+        assert!(r.ok(), "reading beside a writer failed: {}", r.stderr);
+        let n = crate::util::json(&r.stdout).as_array().unwrap().len();
+        if n > 0 && child.try_wait().unwrap().is_none() {
+            seen_mid_run += 1;
+            // A write beside the trainer, too.
+            s.ok(&[
+                "data",
+                "derive",
+                &format!("first{seen_mid_run}"),
+                "--from",
+                "small",
+                "--take",
+                "3",
+            ]);
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        seen_mid_run > 0,
+        "training ended before a concurrent read saw a checkpoint"
+    );
+    let v = s.run(&["verify"]);
+    assert!(v.ok(), "{}{}", v.stdout, v.stderr);
+}
