@@ -25,14 +25,16 @@ pub const MODULES: [(&str, &str); 7] = [
     ("down_proj", "mlp"),
 ];
 
+/// Adapter pairs by (layer, module): (A, B).
+pub type Pairs = HashMap<(usize, String), (Tensor, Tensor)>;
+
 pub struct Adapter {
     pub dir: PathBuf,
     pub r: usize,
     pub alpha: f64,
     pub rslora: bool,
     pub targets: Vec<String>,
-    /// (layer, module) -> (A, B)
-    pub weights: HashMap<(usize, String), (Tensor, Tensor)>,
+    pub weights: Pairs,
 }
 
 impl Adapter {
@@ -92,34 +94,7 @@ pub fn load_peft(dir: &Path, device: &candle_core::Device) -> Result<Adapter, Mo
             path: wpath.clone(),
             msg: format!("cannot read safetensors: {e}"),
         })?;
-    let mut weights = HashMap::new();
-    for (name, a) in &tensors {
-        let Some(rest) = name.strip_prefix("base_model.model.model.layers.") else {
-            continue;
-        };
-        let Some(prefix) = rest.strip_suffix(".lora_A.weight") else {
-            continue;
-        };
-        let mut parts = prefix.split('.');
-        let layer: usize =
-            parts
-                .next()
-                .and_then(|x| x.parse().ok())
-                .ok_or_else(|| ModelError::Format {
-                    path: wpath.clone(),
-                    msg: format!("bad tensor name `{name}`"),
-                })?;
-        let module = parts.next_back().unwrap_or("").to_string();
-        let bname = name.replace(".lora_A.weight", ".lora_B.weight");
-        let b = tensors.get(&bname).ok_or_else(|| ModelError::Mismatch {
-            path: wpath.clone(),
-            msg: format!("`{bname}` is missing"),
-        })?;
-        weights.insert(
-            (layer, module),
-            (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?),
-        );
-    }
+    let weights = pair_tensors(&tensors, &wpath)?;
     if weights.is_empty() {
         return Err(ModelError::Format {
             path: wpath,
@@ -134,6 +109,40 @@ pub fn load_peft(dir: &Path, device: &candle_core::Device) -> Result<Adapter, Mo
         targets,
         weights,
     })
+}
+
+/// Pair PEFT-named `lora_A` / `lora_B` tensors by (layer, module), as f32. `source` names
+/// where they came from in errors.
+pub fn pair_tensors(tensors: &HashMap<String, Tensor>, source: &Path) -> Result<Pairs, ModelError> {
+    let mut weights = HashMap::new();
+    for (name, a) in tensors {
+        let Some(rest) = name.strip_prefix("base_model.model.model.layers.") else {
+            continue;
+        };
+        let Some(prefix) = rest.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let mut parts = prefix.split('.');
+        let layer: usize =
+            parts
+                .next()
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| ModelError::Format {
+                    path: source.to_path_buf(),
+                    msg: format!("bad tensor name `{name}`"),
+                })?;
+        let module = parts.next_back().unwrap_or("").to_string();
+        let bname = name.replace(".lora_A.weight", ".lora_B.weight");
+        let b = tensors.get(&bname).ok_or_else(|| ModelError::Mismatch {
+            path: source.to_path_buf(),
+            msg: format!("`{bname}` is missing"),
+        })?;
+        weights.insert(
+            (layer, module),
+            (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?),
+        );
+    }
+    Ok(weights)
 }
 
 fn slot<'a>(layer: &'a mut super::llama::Layer, module: &str) -> Option<&'a mut Linear> {

@@ -368,13 +368,6 @@ pub fn loss_and_grads_merged(
     let (cos, sin) = model.rope_tables();
     let cos = cos.narrow(0, 0, t)?;
     let sin = sin.narrow(0, 0, t)?;
-    let mut causal = Vec::with_capacity(t * t);
-    for i in 0..t {
-        for j in 0..t {
-            causal.push(if j <= i { 0f32 } else { f32::NEG_INFINITY });
-        }
-    }
-    let causal = Tensor::from_vec(causal, (t, t), dev)?.to_dtype(dt)?;
     let spec = &lora.spec;
     let lscale = spec.scale();
 
@@ -446,7 +439,7 @@ pub fn loss_and_grads_merged(
         let q = rope(&q, &cos, &sin, cfg.rope)?;
         let kr = rope(&k, &cos, &sin, cfg.rope)?;
         let qf = q.reshape((bsz, nkv, rep * t, hd))?;
-        let probs = kernels::causal_softmax(&qf.matmul(&kr.t()?)?, scale, &causal)?;
+        let probs = kernels::causal_softmax(&qf.matmul(&kr.t()?)?, scale)?;
         let attn = probs
             .matmul(&vr)?
             .reshape((bsz, nh, t, hd))?
@@ -528,6 +521,8 @@ pub fn loss_and_grads_merged(
     }
     let dxs = Tensor::cat(&dsel, 0)?;
     drop(xf);
+    // RoPE is a rotation: its backward rotates back (the same kernel with -sin).
+    let nsin = sin.neg()?;
     let pos = Tensor::from_slice(&batch.positions, ntarget, dev)?;
     let dxf = Tensor::zeros((n, cfg.hidden), dt, dev)?.index_add(&pos, &dxs, 0)?;
     let mut dx = rms_backward(&xnf, &invf, &model.w.norm, &dxf)?;
@@ -592,8 +587,6 @@ pub fn loss_and_grads_merged(
         let ds = kernels::softmax_backward(&tp.probs, &dp)?;
         let dq = (ds.matmul(&tp.kr)? * scale)?.reshape((bsz, nh, t, hd))?;
         let dk = (ds.t()?.matmul(&tp.qf)? * scale)?;
-        // RoPE is a rotation: its backward rotates back (the same kernel with -sin).
-        let nsin = sin.neg()?;
         let dq = rope(&dq.contiguous()?, &cos, &nsin, cfg.rope)?;
         let dk = rope(&dk.contiguous()?, &cos, &nsin, cfg.rope)?;
         let dq = dq.transpose(1, 2)?.reshape((n, nh * hd))?;

@@ -116,6 +116,35 @@ fn get<T: 'static>(s: &CpuStorage) -> Result<&[T]> {
         .ok_or_else(|| candle_core::Error::Msg("fused kernel: operands differ in dtype".into()))
 }
 
+/// Elementwise `f(a[i], b[i])`, in parallel chunks.
+fn map2<T: F>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); a.len()];
+    out.par_chunks_mut(4096)
+        .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+        .for_each(|(o, (a, b))| {
+            for i in 0..o.len() {
+                o[i] = f(a[i], b[i]);
+            }
+        });
+    out
+}
+
+/// Elementwise `f(a[i], b[i], c[i])`, in parallel chunks.
+fn map3<T: F>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); a.len()];
+    out.par_chunks_mut(4096)
+        .zip(
+            a.par_chunks(4096)
+                .zip(b.par_chunks(4096).zip(c.par_chunks(4096))),
+        )
+        .for_each(|(o, (a, (b, c)))| {
+            for i in 0..o.len() {
+                o[i] = f(a[i], b[i], c[i]);
+            }
+        });
+    out
+}
+
 /// `act = silu(g) * u`.
 struct SiluMul;
 impl CustomOp2 for SiluMul {
@@ -132,14 +161,7 @@ impl CustomOp2 for SiluMul {
         on_float!(s1, |g: T| {
             let g = slice(g, l1)?;
             let u = slice(get::<T>(s2)?, l2)?;
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(4096)
-                .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-                .for_each(|(o, (g, u))| {
-                    for i in 0..o.len() {
-                        o[i] = g[i].mul(sigmoid(g[i])).mul(u[i]);
-                    }
-                });
+            let out = map2(g, u, |g, u| g.mul(sigmoid(g)).mul(u));
             Ok((T::wrap(out), l1.shape().clone()))
         })
     }
@@ -161,14 +183,7 @@ impl CustomOp2 for SiluDu {
         on_float!(s1, |g: T| {
             let g = slice(g, l1)?;
             let d = slice(get::<T>(s2)?, l2)?;
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(4096)
-                .zip(g.par_chunks(4096).zip(d.par_chunks(4096)))
-                .for_each(|(o, (g, d))| {
-                    for i in 0..o.len() {
-                        o[i] = d[i].mul(g[i].mul(sigmoid(g[i])));
-                    }
-                });
+            let out = map2(g, d, |g, d| d.mul(g.mul(sigmoid(g))));
             Ok((T::wrap(out), l1.shape().clone()))
         })
     }
@@ -193,19 +208,11 @@ impl CustomOp3 for SiluDg {
             let g = slice(g, l1)?;
             let u = slice(get::<T>(s2)?, l2)?;
             let d = slice(get::<T>(s3)?, l3)?;
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(4096)
-                .zip(
-                    g.par_chunks(4096)
-                        .zip(u.par_chunks(4096).zip(d.par_chunks(4096))),
-                )
-                .for_each(|(o, (g, (u, d)))| {
-                    for i in 0..o.len() {
-                        let s = sigmoid(g[i]);
-                        let ds = s.mul(T::of(1.0).add(g[i].mul(T::of(1.0).sub(s))));
-                        o[i] = d[i].mul(u[i]).mul(ds);
-                    }
-                });
+            let out = map3(g, u, d, |g, u, d| {
+                let s = sigmoid(g);
+                let ds = s.mul(T::of(1.0).add(g.mul(T::of(1.0).sub(s))));
+                d.mul(u).mul(ds)
+            });
             Ok((T::wrap(out), l1.shape().clone()))
         })
     }
@@ -293,9 +300,20 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
+/// The additive causal mask `[t, t]`: 0 where a query may see a key, -inf after it.
+pub fn causal_mask(t: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut m = Vec::with_capacity(t * t);
+    for i in 0..t {
+        for j in 0..t {
+            m.push(if j <= i { 0f32 } else { f32::NEG_INFINITY });
+        }
+    }
+    Tensor::from_vec(m, (t, t), dev)?.to_dtype(dtype)
+}
+
 /// Softmax over `scores * scale` with a causal mask; `scores` is `[b, kv, rep * t, t]` where
 /// the query position of row `r` is `r % t`.
-pub fn causal_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = scores.dims().to_vec();
     let t = dims[dims.len() - 1];
     if fused(&[scores]) {
@@ -303,10 +321,11 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> Result<Tens
             .contiguous()?
             .apply_op1_no_bwd(&CausalSoftmax { scale, t });
     }
+    let mask = causal_mask(t, scores.dtype(), scores.device())?;
     let (b, kv, rt) = (dims[0], dims[1], dims[2]);
     let s = (scores * scale)?
         .reshape((b, kv, rt / t, t, t))?
-        .broadcast_add(mask)?;
+        .broadcast_add(&mask)?;
     candle_nn::ops::softmax_last_dim(&s)?.reshape((b, kv, rt, t))
 }
 
@@ -508,8 +527,16 @@ mod tests {
                 m[i * 5 + j] = f32::NEG_INFINITY;
             }
         }
+        // The composed path (CUDA, bf16) builds the same mask.
+        let built: Vec<f32> = causal_mask(5, DType::F32, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(built, m);
         let mask = Tensor::from_vec(m, (5, 5), &Device::Cpu).unwrap();
-        let fused_p = causal_softmax(&sc, 0.5, &mask).unwrap();
+        let fused_p = causal_softmax(&sc, 0.5).unwrap();
         let want = candle_nn::ops::softmax_last_dim(
             &(&sc * 0.5)
                 .unwrap()

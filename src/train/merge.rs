@@ -7,59 +7,26 @@
 //! folder loads with the standard (half-split) RoPE layout.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use emlab_store::{Id, Store, Value};
+use emlab_store::{Id, Store};
 use serde_json::json;
 
 use super::lora::model_to_hf_rows;
-use super::run::{checkpoint_spec, load_base, read_adapter, TrainError};
+use super::run::{checkpoint_of_base, load_base, read_adapter, TrainError};
 use crate::model::llama::{Arch, Embedding, Linear};
-use crate::model::lora::{Adapter, MODULES};
+use crate::model::lora::{pair_tensors, Adapter, MODULES};
 use crate::model::ModelError;
-use crate::records::CHECKPOINT;
 
 pub fn merge(store: &Store, model_path: &Path, ck: Id, out: &Path) -> Result<(), TrainError> {
-    let rec = store.get(ck)?;
-    if rec.table != CHECKPOINT {
-        return Err(TrainError::NotCheckpoint(ck.to_hex()));
-    }
     let mut loaded = load_base(model_path)?;
-    let base_id = loaded.record.id()?;
-    let theirs = rec.get("base_model").and_then(Value::as_id);
-    if theirs != Some(base_id) {
-        return Err(TrainError::OtherBase {
-            checkpoint: ck.to_hex(),
-            theirs: theirs.map_or_else(|| "?".into(), |i| i.to_hex()),
-            ours: base_id.to_hex(),
-        });
-    }
-    let spec = checkpoint_spec(&rec).ok_or_else(|| TrainError::BadCheckpoint {
-        checkpoint: ck.to_hex(),
-        msg: "its config has no LoRA spec".into(),
-    })?;
+    let (rec, spec) = checkpoint_of_base(store, ck, loaded.record.id()?)?;
     let tensors = read_adapter(store, ck, &rec, &loaded.model.device)?;
-    let mut weights = HashMap::new();
-    for (name, a) in &tensors {
-        let Some(pre) = name.strip_suffix(".lora_A.weight") else {
-            continue;
-        };
-        let Some(rest) = pre.strip_prefix("base_model.model.model.layers.") else {
-            continue;
-        };
-        let layer: usize = rest
-            .split('.')
-            .next()
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(usize::MAX);
-        let module = rest.rsplit('.').next().unwrap_or("").to_string();
-        if let Some(b) = tensors.get(&format!("{pre}.lora_B.weight")) {
-            weights.insert((layer, module), (a.clone(), b.clone()));
-        }
-    }
+    let label = PathBuf::from(format!("checkpoint {}", ck.to_hex()));
+    let weights = pair_tensors(&tensors, &label)?;
     let ad = Adapter {
-        dir: std::path::PathBuf::from(format!("checkpoint {}", ck.to_hex())),
+        dir: label,
         r: spec.r,
         alpha: spec.alpha,
         rslora: spec.rslora,

@@ -287,6 +287,15 @@ fn dataset_rows(store: &Store, name: &str) -> Result<(Id, ChatRows), TrainError>
     Ok((id, rows.into_iter().map(|(_, m)| m).collect()))
 }
 
+/// The micro-batch of `examples[idx]`.
+fn batch_of(examples: &[Example], idx: &[usize], dev: &Device) -> candle_core::Result<Batch> {
+    let rows: Vec<(&[u32], &[bool])> = idx
+        .iter()
+        .map(|&i| (examples[i].tokens.as_slice(), examples[i].mask.as_slice()))
+        .collect();
+    Batch::new(&rows, dev)
+}
+
 /// Mean loss per target token over `examples`, no gradients.
 pub fn eval_loss(
     model: &crate::model::llama::Model,
@@ -299,11 +308,7 @@ pub fn eval_loss(
     let mut sum = 0.0;
     let mut n = 0usize;
     for mb in micro_batches(examples, &idx, micro) {
-        let rows: Vec<(&[u32], &[bool])> = mb
-            .iter()
-            .map(|&i| (examples[i].tokens.as_slice(), examples[i].mask.as_slice()))
-            .collect();
-        let batch = Batch::new(&rows, &model.device)?;
+        let batch = batch_of(examples, &mb, &model.device)?;
         let mut o = PassOpts::new(1.0);
         o.backward = false;
         sum += loss_and_grads_merged(model, params, &batch, o, Some(&merged))?.0;
@@ -332,12 +337,8 @@ pub fn step_grads(
         None
     };
     for (k, mb) in micro_batches(examples, rows, micro).into_iter().enumerate() {
-        let rows: Vec<(&[u32], &[bool])> = mb
-            .iter()
-            .map(|&i| (examples[i].tokens.as_slice(), examples[i].mask.as_slice()))
-            .collect();
-        tokens += rows.iter().map(|r| r.0.len()).sum::<usize>();
-        let batch = Batch::new(&rows, &model.device)?;
+        tokens += mb.iter().map(|&i| examples[i].tokens.len()).sum::<usize>();
+        let batch = batch_of(examples, &mb, &model.device)?;
         let mut o = PassOpts::new(denom.max(1) as f64);
         o.dropout_seed = dropout_seed.wrapping_add(k as u64);
         let (l, g) = loss_and_grads_merged(model, params, &batch, o, merged.as_ref())?;
@@ -401,22 +402,7 @@ pub fn run(
     let mut start_params = None;
     if let Some(from) = &plan.from {
         let ck = store.resolve_prefix(from)?;
-        let rec = store.get(ck)?;
-        if rec.table != CHECKPOINT {
-            return Err(TrainError::NotCheckpoint(from.clone()));
-        }
-        let theirs = rec.get("base_model").and_then(Value::as_id);
-        if theirs != Some(base_id) {
-            return Err(TrainError::OtherBase {
-                checkpoint: ck.to_hex(),
-                theirs: theirs.map_or_else(|| "?".into(), |i| i.to_hex()),
-                ours: base_id.to_hex(),
-            });
-        }
-        let spec = checkpoint_spec(&rec).ok_or_else(|| TrainError::BadCheckpoint {
-            checkpoint: ck.to_hex(),
-            msg: "its config has no LoRA spec".into(),
-        })?;
+        let (rec, spec) = checkpoint_of_base(store, ck, base_id)?;
         // The adapter shape is the parent's: a continued run trains the same adapter.
         cfg.lora = spec;
         let tensors = read_adapter(store, ck, &rec, &model.device)?;
@@ -648,6 +634,31 @@ fn save_checkpoint(
         rec = rec.with("parent", Value::Id(p));
     }
     Ok(store.stage(sb, &rec)?)
+}
+
+/// A checkpoint record and its LoRA spec, checked to be a checkpoint trained on `base_id`.
+pub fn checkpoint_of_base(
+    store: &Store,
+    ck: Id,
+    base_id: Id,
+) -> Result<(Record, LoraSpec), TrainError> {
+    let rec = store.get(ck)?;
+    if rec.table != CHECKPOINT {
+        return Err(TrainError::NotCheckpoint(ck.to_hex()));
+    }
+    let theirs = rec.get("base_model").and_then(Value::as_id);
+    if theirs != Some(base_id) {
+        return Err(TrainError::OtherBase {
+            checkpoint: ck.to_hex(),
+            theirs: theirs.map_or_else(|| "?".into(), |i| i.to_hex()),
+            ours: base_id.to_hex(),
+        });
+    }
+    let spec = checkpoint_spec(&rec).ok_or_else(|| TrainError::BadCheckpoint {
+        checkpoint: ck.to_hex(),
+        msg: "its config has no LoRA spec".into(),
+    })?;
+    Ok((rec, spec))
 }
 
 /// The LoRA spec a checkpoint was trained with.
