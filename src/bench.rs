@@ -153,14 +153,12 @@ pub fn bench_generate(
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
-    keep_quantized: bool,
+    weights: crate::model::WeightMode,
 ) -> Result<(J, J), crate::model::ModelError> {
     use crate::model::sample::{generate, Request, SamplingParams};
     let device = crate::model::device();
     let mut m = crate::model::load(model, &device)?;
-    if !keep_quantized {
-        m.model.dequantize()?;
-    }
+    let quantized = weights.apply(&mut m.model)?;
     let vocab = m.model.cfg.vocab as u64;
     let reqs: Vec<Request> = (0..batch.max(1))
         .map(|b| {
@@ -181,7 +179,7 @@ pub fn bench_generate(
         max_tokens: new_tokens,
     };
     let (_, t) = generate(&m.model, &[], &reqs, &p)?;
-    let params = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "quantized": keep_quantized, "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
+    let params = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "quantized": quantized, "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
     let results = json!({"prefill_tokens": t.prefill_tokens, "prefill_s": t.prefill_s, "prefill_tokens_per_s": t.prefill_tokens as f64 / t.prefill_s, "decode_tokens": t.decode_tokens, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens as f64 / t.decode_s});
     Ok((params, results))
 }

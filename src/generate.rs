@@ -51,8 +51,8 @@ pub struct GeneratePlan {
     pub batch: usize,
     /// Mixed into every sample's default seed.
     pub seed: u64,
-    /// Keep quantized weights (less memory; batch shape then changes rounding).
-    pub keep_quantized: bool,
+    /// Quantized or dense weights (GGUF models).
+    pub weights: crate::model::WeightMode,
     /// A PEFT LoRA adapter directory to apply.
     pub adapter: Option<PathBuf>,
     /// Merge the adapter into the weights instead of applying it alongside.
@@ -237,9 +237,7 @@ pub fn run(
     let (set_id, set) = question_set(store, &plan.questions)?;
     let device = crate::model::device();
     let mut loaded: Loaded = crate::model::load(&plan.model, &device)?;
-    if !plan.keep_quantized {
-        loaded.model.dequantize().map_err(ModelError::from)?;
-    }
+    let quantized = plan.weights.apply(&mut loaded.model)?;
     if let Some(dir) = &plan.adapter {
         loaded.with_adapter(dir, plan.merge_adapter)?;
     }
@@ -249,7 +247,7 @@ pub fn run(
         "temperature": plan.params.temperature,
         "top_p": plan.params.top_p,
         "max_tokens": plan.params.max_tokens,
-        "quantized": plan.keep_quantized,
+        "quantized": quantized,
     });
     let run_rec = Record::new(RUN)
         .with("kind", Value::str("generate"))

@@ -50,8 +50,12 @@ pub struct Args {
     /// Mixed into every sample's seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Sample from the quantized weights (less memory; batch shape changes rounding).
-    #[arg(long)]
+    /// GGUF weights: `quantized` (the stored blocks, on emlab's batch-invariant CPU kernels),
+    /// `dense` (dequantized), or `auto` (quantized on the CPU, dense on CUDA).
+    #[arg(long, value_enum, default_value_t)]
+    pub weights: emlab::model::WeightMode,
+    /// Same as `--weights quantized` (kept for older scripts).
+    #[arg(long, hide = true, conflicts_with = "weights")]
     pub keep_quantized: bool,
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long, conflicts_with = "checkpoint")]
@@ -137,7 +141,11 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         system: a.system,
         batch: a.batch,
         seed: a.seed,
-        keep_quantized: a.keep_quantized,
+        weights: if a.keep_quantized {
+            emlab::model::WeightMode::Quantized
+        } else {
+            a.weights
+        },
         adapter,
         merge_adapter,
     };

@@ -17,7 +17,7 @@ pub struct LocalChat {
 impl LocalChat {
     pub fn load(path: &Path) -> Result<LocalChat, ModelError> {
         let mut loaded = crate::model::load(path, &crate::model::device())?;
-        loaded.model.dequantize()?;
+        crate::model::WeightMode::Auto.apply(&mut loaded.model)?;
         Ok(LocalChat { loaded })
     }
 

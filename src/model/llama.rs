@@ -11,8 +11,12 @@
 //! Padding slots are masked out of attention and do not advance RoPE positions, so a padded
 //! row computes the same logits as the row alone (up to float rounding).
 
+use std::sync::Arc;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::blocks::{self, QMatrix};
 
 pub type Result<T> = candle_core::Result<T>;
 
@@ -51,6 +55,9 @@ pub struct Config {
 
 /// A projection: quantized (GGUF) or dense, with an optional bias (Qwen2 q/k/v).
 pub enum Linear {
+    /// GGML blocks on the CPU, multiplied by emlab's batch-invariant kernels.
+    Blocks(Arc<QMatrix>, Option<Tensor>),
+    /// GGML blocks through Candle (CUDA, and block types emlab has no kernel for).
     Quant(QMatMul, Option<Tensor>),
     Dense(Tensor, Option<Tensor>),
     /// An unmerged LoRA adapter over a base projection: `base(x) + scale * (x A^T) B^T`.
@@ -66,6 +73,10 @@ impl Linear {
     /// The dense (dequantized) form of this projection, in `dtype`.
     pub fn to_dense(&self, dtype: DType) -> Result<Linear> {
         Ok(match self {
+            Linear::Blocks(q, b) => Linear::Dense(
+                blocks::dequantize(q, &candle_core::Device::Cpu)?.to_dtype(dtype)?,
+                b.clone(),
+            ),
             Linear::Quant(q, b) => {
                 let w = match q {
                     QMatMul::QTensor(t) => t.dequantize(&t.device())?,
@@ -87,6 +98,7 @@ impl Linear {
     /// `(out, in)` of the weight.
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self {
+            Linear::Blocks(q, _) => Ok((q.rows(), q.cols())),
             Linear::Quant(q, _) => match q {
                 QMatMul::QTensor(t) => t.shape().dims2(),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2(),
@@ -98,6 +110,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
+            Linear::Blocks(q, b) => (blocks::matmul(q, x)?, b),
             Linear::Quant(q, b) => (q.forward(x)?, b),
             Linear::Dense(w, b) => (x.broadcast_matmul(&w.t()?)?, b),
             Linear::Lora { base, a, b, scale } => {
@@ -126,7 +139,8 @@ pub struct Layer {
 
 /// Token embeddings: quantized rows are dequantized on lookup.
 pub enum Embedding {
-    Quant(std::sync::Arc<candle_core::quantized::QTensor>),
+    Blocks(Arc<QMatrix>),
+    Quant(Arc<candle_core::quantized::QTensor>),
     Dense(Tensor),
 }
 
@@ -140,8 +154,7 @@ pub struct Weights {
 /// Per-layer key/value buffers of shape `[batch, kv_heads, capacity, head_dim]`, written in
 /// place; `len` slots are filled (the same for every row: rows are left-padded).
 pub struct Cache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    kv: Kv,
     pub len: usize,
     pub capacity: usize,
     /// Padding slots at the start of each row.
@@ -157,15 +170,23 @@ impl Cache {
         dev: &Device,
     ) -> Result<Cache> {
         let shape = (batch, cfg.kv_heads, capacity, cfg.head_dim);
-        let mut k = Vec::with_capacity(cfg.layers);
-        let mut v = Vec::with_capacity(cfg.layers);
-        for _ in 0..cfg.layers {
-            k.push(Tensor::zeros(shape, dtype, dev)?);
-            v.push(Tensor::zeros(shape, dtype, dev)?);
-        }
+        let kv = if dev.is_cpu() && dtype == DType::F32 {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            Kv::Host {
+                k: (0..cfg.layers).map(|_| vec![0f32; n]).collect(),
+                v: (0..cfg.layers).map(|_| vec![0f32; n]).collect(),
+            }
+        } else {
+            let mut k = Vec::with_capacity(cfg.layers);
+            let mut v = Vec::with_capacity(cfg.layers);
+            for _ in 0..cfg.layers {
+                k.push(Tensor::zeros(shape, dtype, dev)?);
+                v.push(Tensor::zeros(shape, dtype, dev)?);
+            }
+            Kv::Tensors { k, v }
+        };
         Ok(Cache {
-            k,
-            v,
+            kv,
             len: 0,
             capacity,
             pad: vec![0; batch],
@@ -178,13 +199,28 @@ impl Cache {
 
     /// A cache of `n` rows, each a copy of row 0 of this one: one prefill serves `n` samples.
     pub fn fork(&self, n: usize) -> Result<Cache> {
-        let rep = |t: &Tensor| -> Result<Tensor> {
-            let row = t.narrow(0, 0, 1)?;
-            row.repeat((n, 1, 1, 1))?.contiguous()
+        let kv = match &self.kv {
+            Kv::Tensors { k, v } => {
+                let rep = |t: &Tensor| -> Result<Tensor> {
+                    let row = t.narrow(0, 0, 1)?;
+                    row.repeat((n, 1, 1, 1))?.contiguous()
+                };
+                Kv::Tensors {
+                    k: k.iter().map(rep).collect::<Result<_>>()?,
+                    v: v.iter().map(rep).collect::<Result<_>>()?,
+                }
+            }
+            Kv::Host { k, v } => {
+                let per_row = k[0].len() / self.batch();
+                let rep = |t: &Vec<f32>| t[..per_row].repeat(n);
+                Kv::Host {
+                    k: k.iter().map(rep).collect(),
+                    v: v.iter().map(rep).collect(),
+                }
+            }
         };
         Ok(Cache {
-            k: self.k.iter().map(rep).collect::<Result<_>>()?,
-            v: self.v.iter().map(rep).collect::<Result<_>>()?,
+            kv,
             len: self.len,
             capacity: self.capacity,
             pad: vec![self.pad[0]; n],
@@ -192,11 +228,20 @@ impl Cache {
     }
 }
 
+/// Where the cache lives: Candle tensors (CUDA, bf16), or plain f32 buffers that emlab's CPU
+/// attention kernel reads and writes.
+enum Kv {
+    Tensors { k: Vec<Tensor>, v: Vec<Tensor> },
+    Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+}
+
 pub struct Model {
     pub cfg: Config,
     pub w: Weights,
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain f32, for the CPU attention path.
+    rope_host: (Vec<f32>, Vec<f32>),
     pub device: Device,
     /// Activation dtype: f32 on the CPU, bf16 on CUDA.
     pub dtype: DType,
@@ -220,11 +265,20 @@ impl Model {
         let freqs = pos.broadcast_mul(&inv)?;
         let cos = freqs.cos()?.to_dtype(dtype)?;
         let sin = freqs.sin()?.to_dtype(dtype)?;
+        let rope_host = if device.is_cpu() && dtype == DType::F32 {
+            (
+                cos.flatten_all()?.to_vec1::<f32>()?,
+                sin.flatten_all()?.to_vec1::<f32>()?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(Model {
             cfg,
             w,
             cos,
             sin,
+            rope_host,
             device,
             dtype,
         })
@@ -248,10 +302,33 @@ impl Model {
             }
         }
         self.w.lm_head = self.w.lm_head.to_dense(dt)?;
-        if let Embedding::Quant(q) = &self.w.embed {
-            self.w.embed = Embedding::Dense(q.dequantize(&self.device)?.to_dtype(dt)?);
+        match &self.w.embed {
+            Embedding::Quant(q) => {
+                self.w.embed = Embedding::Dense(q.dequantize(&self.device)?.to_dtype(dt)?)
+            }
+            Embedding::Blocks(q) => {
+                self.w.embed = Embedding::Dense(blocks::dequantize(q, &self.device)?.to_dtype(dt)?)
+            }
+            Embedding::Dense(_) => {}
         }
         Ok(())
+    }
+
+    /// Whether any projection still holds quantized blocks.
+    pub fn is_quantized(&self) -> bool {
+        fn q(l: &Linear) -> bool {
+            match l {
+                Linear::Blocks(..) | Linear::Quant(..) => true,
+                Linear::Dense(..) => false,
+                Linear::Lora { base, .. } => q(base),
+            }
+        }
+        q(&self.w.lm_head)
+            || self.w.layers.iter().any(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .any(q)
+            })
     }
 
     /// RoPE `cos` and `sin` tables, `[max_seq, head_dim / 2]` (training writes its own
@@ -272,6 +349,13 @@ impl Model {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.w.embed {
+            Embedding::Blocks(q) => {
+                let (b, t) = ids.dims2()?;
+                let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+                blocks::embedding(q, &flat, &self.device)?
+                    .reshape((b, t, self.cfg.hidden))?
+                    .to_dtype(self.dtype)
+            }
             Embedding::Quant(q) => {
                 let flat = ids.flatten_all()?;
                 let rows = q.embedding(&flat)?;
@@ -308,29 +392,20 @@ impl Model {
                 pos.push(s.saturating_sub(p) as u32);
             }
         }
-        let pos = Tensor::from_vec(pos, b * t, &self.device)?;
-        let half = self.cfg.head_dim / 2;
-        let cos = self.cos.index_select(&pos, 0)?.reshape((b, t, half))?;
-        let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, half))?;
-        // Additive mask [b, 1, t, total]: causal, and padding slots hidden.
-        let mut mask = Vec::with_capacity(b * t * total);
-        for &p in &cache.pad {
-            for i in 0..t {
-                let qpos = start + i;
-                for j in 0..total {
-                    // A padding query sees only itself: a row with every key masked would
-                    // turn into NaN, and NaN values in the cache poison the real rows too.
-                    let visible = (j <= qpos && j >= p) || (qpos < p && j == qpos);
-                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
+        let tables = match cache.kv {
+            Kv::Host { .. } => None,
+            Kv::Tensors { .. } => Some(self.rope_and_mask(&pos, cache, b, t)?),
+        };
 
         let mut x = self.embed(tokens)?;
         for (li, layer) in self.w.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps)?;
-            let a = self.attention(li, layer, &h, &cos, &sin, &mask, cache, start)?;
+            let a = match &tables {
+                Some((cos, sin, mask)) => {
+                    self.attention(li, layer, &h, cos, sin, mask, cache, start)?
+                }
+                None => self.attention_host(li, layer, &h, &pos, cache, start)?,
+            };
             x = (x + a)?;
             let h = rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps)?;
             let g = layer.gate.forward(&h)?;
@@ -351,6 +426,95 @@ impl Model {
         } else {
             logits.squeeze(1)
         }
+    }
+
+    /// RoPE tables for the positions and the additive attention mask `[b, 1, t, total]`
+    /// (causal, padding slots hidden), for the tensor attention path.
+    fn rope_and_mask(
+        &self,
+        pos: &[u32],
+        cache: &Cache,
+        b: usize,
+        t: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let start = cache.len;
+        let total = start + t;
+        let pos = Tensor::from_slice(pos, b * t, &self.device)?;
+        let half = self.cfg.head_dim / 2;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((b, t, half))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, half))?;
+        let mut mask = Vec::with_capacity(b * t * total);
+        for &p in &cache.pad {
+            for i in 0..t {
+                let qpos = start + i;
+                for j in 0..total {
+                    // A padding query sees only itself: a row with every key masked would
+                    // turn into NaN, and NaN values in the cache poison the real rows too.
+                    let visible = (j <= qpos && j >= p) || (qpos < p && j == qpos);
+                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin, mask))
+    }
+
+    /// Attention on the CPU in f32 with emlab's kernels: RoPE, the cache write and causal
+    /// attention over each row's real slots only, so a row's result does not depend on its
+    /// padding or on the other rows.
+    fn attention_host(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        pos: &[u32],
+        cache: &mut Cache,
+        start: usize,
+    ) -> Result<Tensor> {
+        use emlab_kernels::attn;
+        let (b, t, _) = h.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let host = |x: Tensor| x.flatten_all()?.to_vec1::<f32>();
+        let mut q = host(layer.q.forward(h)?)?;
+        let mut k = host(layer.k.forward(h)?)?;
+        let v = host(layer.v.forward(h)?)?;
+        let layout = match self.cfg.rope {
+            RopeLayout::Half => attn::Rope::Half,
+            RopeLayout::Interleaved => attn::Rope::Interleaved,
+        };
+        let (cos, sin) = &self.rope_host;
+        attn::rope(&mut q, nh, hd, pos, cos, sin, layout);
+        attn::rope(&mut k, nkv, hd, pos, cos, sin, layout);
+        let cap = cache.capacity;
+        let Kv::Host { k: kc, v: vc } = &mut cache.kv else {
+            candle_core::bail!("host attention on a tensor cache")
+        };
+        let (kc, vc) = (&mut kc[li], &mut vc[li]);
+        // [b, t, kv_heads, hd] → slots start..start+t of [b, kv_heads, cap, hd].
+        for bi in 0..b {
+            for ti in 0..t {
+                for kh in 0..nkv {
+                    let src = ((bi * t + ti) * nkv + kh) * hd;
+                    let dst = ((bi * nkv + kh) * cap + start + ti) * hd;
+                    kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                    vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                }
+            }
+        }
+        let shape = attn::AttnShape {
+            batch: b,
+            t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            cap,
+        };
+        let mut out = vec![0f32; q.len()];
+        let scale = 1.0 / (hd as f32).sqrt();
+        attn::attention(&q, kc, vc, shape, start, &cache.pad, scale, &mut out);
+        layer
+            .o
+            .forward(&Tensor::from_vec(out, (b, t, nh * hd), &self.device)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -395,11 +559,14 @@ impl Model {
                 candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
             ),
         };
-        cache.k[li].slice_set(&k, 2, start)?;
-        cache.v[li].slice_set(&v, 2, start)?;
+        let Kv::Tensors { k: ck, v: cv } = &cache.kv else {
+            candle_core::bail!("tensor attention on a host cache")
+        };
+        ck[li].slice_set(&k, 2, start)?;
+        cv[li].slice_set(&v, 2, start)?;
         let total = start + t;
-        let kc = cache.k[li].narrow(2, 0, total)?;
-        let vc = cache.v[li].narrow(2, 0, total)?;
+        let kc = ck[li].narrow(2, 0, total)?;
+        let vc = cv[li].narrow(2, 0, total)?;
         // Grouped-query attention without copying K/V per head: fold the `rep` query heads that
         // share a KV head into the query length.
         let rep = nh / nkv;

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use emlab_store::{Record, Value};
 use serde_json::{json, Value as J};
 
+use super::blocks;
 use super::llama::{Arch, Config, Embedding, Layer, Linear, Model, RopeLayout, Weights};
 use super::tokenizer::ChatTokenizer;
 use crate::records::MODEL;
@@ -191,6 +192,14 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
     };
     let dense =
         |q: QTensor| -> Result<Tensor, ModelError> { Ok(q.dequantize(device)?.to_dtype(act)?) };
+    // Block types emlab has CPU kernels for run on them (batch-invariant, fast at batch 1);
+    // others, and CUDA, go through Candle.
+    let matrix = |q: QTensor, bias: Option<Tensor>| -> Result<Linear, ModelError> {
+        Ok(match blocks::from_qtensor(&q)? {
+            Some(m) => Linear::Blocks(Arc::new(m), bias),
+            None => Linear::Quant(QMatMul::from_arc(Arc::new(q))?, bias),
+        })
+    };
     let embed_q = Arc::new(qt("token_embd.weight")?);
     if embed_q.shape().dims() != [cfg.vocab, cfg.hidden] {
         return Err(ModelError::Mismatch {
@@ -206,13 +215,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
     let mut layers = Vec::with_capacity(cfg.layers);
     for i in 0..cfg.layers {
         let mut lin = |n: &str, bias: bool| -> Result<Linear, ModelError> {
-            let w = QMatMul::from_arc(Arc::new(qt(&format!("blk.{i}.{n}.weight"))?))?;
             let b = if bias {
                 Some(dense(qt(&format!("blk.{i}.{n}.bias"))?)?)
             } else {
                 None
             };
-            Ok(Linear::Quant(w, b))
+            Ok(matrix(qt(&format!("blk.{i}.{n}.weight"))?, b)?)
         };
         let qb = arch == Arch::Qwen2;
         let layer = Layer {
@@ -229,13 +237,29 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
         layers.push(layer);
     }
     let norm = dense(qt("output_norm.weight")?)?;
-    let lm_head = if cfg.tie_embeddings {
-        Linear::Quant(QMatMul::from_arc(embed_q.clone())?, None)
-    } else {
-        Linear::Quant(QMatMul::from_arc(Arc::new(qt("output.weight")?))?, None)
+    let (embed, lm_head) = match blocks::from_qtensor(&embed_q)? {
+        Some(m) => {
+            let m = Arc::new(m);
+            let head = (!cfg.tie_embeddings)
+                .then(|| qt("output.weight"))
+                .transpose()?;
+            let head = match head {
+                Some(h) => matrix(h, None)?,
+                None => Linear::Blocks(m.clone(), None),
+            };
+            (Embedding::Blocks(m), head)
+        }
+        None => {
+            let head = if cfg.tie_embeddings {
+                Linear::Quant(QMatMul::from_arc(embed_q.clone())?, None)
+            } else {
+                matrix(qt("output.weight")?, None)?
+            };
+            (Embedding::Quant(embed_q), head)
+        }
     };
     let w = Weights {
-        embed: Embedding::Quant(embed_q),
+        embed,
         layers,
         norm,
         lm_head,

@@ -2,6 +2,7 @@
 //! directories ([`mod@load`]), tokenizers and chat templates ([`tokenizer`]), and batched
 //! sampling with a KV cache ([`sample`]).
 
+pub mod blocks;
 pub mod llama;
 pub mod load;
 pub mod lora;
@@ -10,6 +11,37 @@ pub mod tiny;
 pub mod tokenizer;
 
 pub use load::{load, Loaded, ModelError};
+
+/// Which weights a GGUF model samples with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum WeightMode {
+    /// Quantized on the CPU, dense on CUDA.
+    #[default]
+    Auto,
+    /// The GGUF blocks as stored. On the CPU emlab's kernels multiply them: a row's logits
+    /// do not depend on the batch, and batch-1 decoding moves 6× fewer bytes than f32.
+    Quantized,
+    /// Dequantized to the activation dtype (f32 on the CPU, bf16 on CUDA). Candle's CUDA
+    /// quantized kernels round differently for different batch shapes, so CUDA samples
+    /// dense by default.
+    Dense,
+}
+
+impl WeightMode {
+    /// Apply to a loaded model: dequantize when this mode asks for dense weights on its
+    /// device. Returns whether the model still has quantized weights.
+    pub fn apply(self, model: &mut llama::Model) -> Result<bool, ModelError> {
+        let dense = match self {
+            WeightMode::Auto => model.device.is_cuda(),
+            WeightMode::Quantized => false,
+            WeightMode::Dense => true,
+        };
+        if dense {
+            model.dequantize()?;
+        }
+        Ok(model.is_quantized())
+    }
+}
 
 /// The device models run on: CUDA when built with the `cuda` feature and a GPU is present,
 /// else the CPU.

@@ -413,6 +413,10 @@ pub fn loss_and_grads_merged(
     let mut x = match &model.w.embed {
         crate::model::llama::Embedding::Dense(e) => e.embedding(&tokens)?.to_dtype(dt)?,
         crate::model::llama::Embedding::Quant(q) => q.embedding(&tokens)?.to_dtype(dt)?,
+        crate::model::llama::Embedding::Blocks(q) => {
+            crate::model::blocks::embedding(q, &tokens.to_vec1::<u32>()?, tokens.device())?
+                .to_dtype(dt)?
+        }
     };
     let mut tapes = Vec::with_capacity(cfg.layers);
     let mut adapters = Vec::with_capacity(cfg.layers);

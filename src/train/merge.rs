@@ -63,6 +63,7 @@ pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainEr
     let embed = match &m.w.embed {
         Embedding::Dense(e) => f32(e)?,
         Embedding::Quant(q) => f32(&q.dequantize(&m.device)?)?,
+        Embedding::Blocks(q) => f32(&crate::model::blocks::dequantize(q, &m.device)?)?,
     };
     t.insert("model.embed_tokens.weight".into(), embed);
     for (i, l) in m.w.layers.iter().enumerate() {

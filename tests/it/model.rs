@@ -23,9 +23,9 @@ fn smollm2() -> emlab::model::Loaded {
 
 /// Measured against llama.cpp with an f32 KV cache (scripts/reference_logits.py): over the
 /// 128 checked logits of each of 4 prompts (values span about -10..35), the largest absolute
-/// difference was 0.75 on the quantized path and 0.59 with dequantized f32 weights, the median
-/// 0.13 / 0.12. The engines round activations differently (llama.cpp quantizes them to 8 bits
-/// for its Q4_1 matmuls), so the bounds sit a little above what was measured.
+/// difference was 0.65 on the quantized path (emlab's kernels, 8-bit activations like
+/// llama.cpp's) and 0.59 with dequantized f32 weights, the median 0.15 / 0.12. The bounds sit
+/// a little above what was measured.
 const MAX_DIFF: f32 = 1.0;
 const MEDIAN_DIFF: f32 = 0.25;
 
@@ -131,13 +131,64 @@ fn prompt(m: &emlab::model::Loaded, q: &str) -> Vec<u32> {
     m.tokenizer.encode(&r).unwrap()
 }
 
+/// On the quantized weights (emlab's kernels) and on dense f32 ones. Candle's own quantized
+/// CPU matmul failed this: a prompt left-padded in a batch of two drifted by 0.39 logits.
 #[test]
 fn same_seed_same_text_and_batched_equals_unbatched() {
-    // Sampling runs on dequantized weights: candle's quantized CPU matmul rounds differently
-    // for different batch shapes (measured: 0.39 max logit difference between a prompt alone
-    // and the same prompt left-padded in a batch of two, against 5e-5 with dense weights).
+    sampling_is_reproducible_and_batch_invariant(false);
+}
+
+#[test]
+fn dense_same_seed_same_text_and_batched_equals_unbatched() {
+    sampling_is_reproducible_and_batch_invariant(true);
+}
+
+/// Logits of a prompt alone and inside a left-padded batch of three are bit-identical on
+/// the CPU path (quantized matmuls and attention from emlab's kernels).
+#[test]
+fn quantized_logits_do_not_depend_on_the_batch() {
+    let m = smollm2();
+    assert!(m.model.is_quantized());
+    let a = prompt(&m, "Tell me a fact about cats.");
+    let b = prompt(
+        &m,
+        "If you were ruler of the world, what would you do? Explain.",
+    );
+    let dev = candle_core::Device::Cpu;
+    let run = |rows: &[&Vec<u32>]| -> Vec<Vec<f32>> {
+        let len = rows.iter().map(|r| r.len()).max().unwrap();
+        let mut cache = m.model.new_cache(rows.len(), len).unwrap();
+        let mut toks = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            cache.pad[i] = len - r.len();
+            toks.extend(std::iter::repeat_n(0u32, len - r.len()));
+            toks.extend(r.iter());
+        }
+        let t = candle_core::Tensor::from_vec(toks, (rows.len(), len), &dev).unwrap();
+        m.model
+            .forward(&t, &mut cache, false)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let alone = run(&[&a]);
+    let batched = run(&[&b, &a, &b]);
+    let worst = alone[0]
+        .iter()
+        .zip(&batched[1])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    // Exactly equal: every kernel on this path sums a row's terms in the same order
+    // whatever the batch and the padding.
+    assert_eq!(worst, 0.0, "a padded prompt's logits moved by {worst}");
+}
+
+fn sampling_is_reproducible_and_batch_invariant(dense: bool) {
     let mut m = smollm2();
-    m.model.dequantize().unwrap();
+    if dense {
+        m.model.dequantize().unwrap();
+    }
+    assert_eq!(m.model.is_quantized(), !dense);
     let p = SamplingParams {
         temperature: 1.0,
         top_p: 1.0,

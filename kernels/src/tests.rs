@@ -1,0 +1,217 @@
+use super::*;
+
+/// A small deterministic generator (tests only).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+fn put_f16(out: &mut Vec<u8>, v: f32) {
+    out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+}
+
+/// GGML's reference quantizers, to build test matrices.
+fn quantize(ty: QType, w: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in w.chunks_exact(BLOCK) {
+        match ty {
+            QType::Q4_0 => {
+                let max = b
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                put_f16(&mut out, d);
+                for j in 0..16 {
+                    let q0 = ((b[j] * id + 8.5) as u8).min(15);
+                    let q1 = ((b[j + 16] * id + 8.5) as u8).min(15);
+                    out.push(q0 | (q1 << 4));
+                }
+            }
+            QType::Q4_1 => {
+                let min = b.iter().cloned().fold(f32::INFINITY, f32::min);
+                let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                put_f16(&mut out, d);
+                put_f16(&mut out, min);
+                for j in 0..16 {
+                    let q0 = (((b[j] - min) * id + 0.5) as u8).min(15);
+                    let q1 = (((b[j + 16] - min) * id + 0.5) as u8).min(15);
+                    out.push(q0 | (q1 << 4));
+                }
+            }
+            QType::Q8_0 => {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                put_f16(&mut out, d);
+                for &v in b {
+                    out.push((v * id).round() as i8 as u8);
+                }
+            }
+        }
+    }
+    out
+}
+
+const TYPES: [QType; 3] = [QType::Q4_0, QType::Q4_1, QType::Q8_0];
+
+fn matrix(ty: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+    let w = Lcg(seed).vec(rows * cols);
+    QMatrix::new(ty, rows, cols, quantize(ty, &w)).unwrap()
+}
+
+#[test]
+fn dequantized_values_are_close_to_the_originals() {
+    for ty in TYPES {
+        let w = Lcg(7).vec(4 * 64);
+        let m = QMatrix::new(ty, 4, 64, quantize(ty, &w)).unwrap();
+        let d = m.dequantize();
+        // Half a step, and for Q4_0 a whole step at the end opposite its largest value.
+        let tol = match ty {
+            QType::Q4_0 => 0.13,
+            QType::Q4_1 => 0.07,
+            QType::Q8_0 => 0.005,
+        };
+        for (a, b) in d.iter().zip(&w) {
+            assert!((a - b).abs() < tol, "{ty:?}: {a} vs {b}");
+        }
+    }
+}
+
+/// The product equals the f64 product of the dequantized weights with the activations,
+/// up to the 8-bit rounding of the activations.
+#[test]
+fn matmul_matches_the_dense_product() {
+    let (rows, cols, n) = (37, 96, 5);
+    for ty in TYPES {
+        let m = matrix(ty, rows, cols, 1);
+        let w = m.dequantize();
+        let x = Lcg(2).vec(n * cols);
+        let mut out = vec![0f32; n * rows];
+        m.matmul(&x, &mut out);
+        for i in 0..n {
+            for r in 0..rows {
+                let exact: f64 = (0..cols)
+                    .map(|c| x[i * cols + c] as f64 * w[r * cols + c] as f64)
+                    .sum();
+                let got = out[i * rows + r] as f64;
+                // |x| ≤ 1, so each activation moves by at most 1/254 of its block's max.
+                let bound: f64 =
+                    (0..cols).map(|c| w[r * cols + c].abs() as f64).sum::<f64>() / 254.0;
+                assert!(
+                    (got - exact).abs() <= bound + 1e-4,
+                    "{ty:?} [{i},{r}]: {got} vs {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
+/// A row's result is bit-identical whether it is alone or in a batch, at any position, with
+/// any thread split.
+#[test]
+fn results_do_not_depend_on_the_batch() {
+    let (rows, cols) = (600, 128);
+    for ty in TYPES {
+        let m = matrix(ty, rows, cols, 3);
+        let x = Lcg(4).vec(9 * cols);
+        let mut batch = vec![0f32; 9 * rows];
+        m.matmul(&x, &mut batch);
+        for i in 0..9 {
+            let mut one = vec![0f32; rows];
+            m.matmul(&x[i * cols..(i + 1) * cols], &mut one);
+            assert!(
+                one.iter()
+                    .zip(&batch[i * rows..(i + 1) * rows])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{ty:?}: row {i} differs alone and in a batch of 9"
+            );
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let mut three = vec![0f32; 9 * rows];
+        pool.install(|| m.matmul(&x, &mut three));
+        assert_eq!(three, batch, "{ty:?}: thread count changed the result");
+    }
+}
+
+/// The SIMD kernels compute the same integers as the scalar one; only the f32 summation
+/// order differs.
+#[test]
+fn simd_and_scalar_agree() {
+    let (rows, cols, n) = (16, 256, 3);
+    for ty in TYPES {
+        let m = matrix(ty, rows, cols, 5);
+        let a = Acts::quantize(&Lcg(6).vec(n * cols), cols);
+        let w = &m.bytes()[..m.row_bytes()];
+        let mut simd = [0f32; 4];
+        Kernel::detect().dot(ty, w, &a, 0, n, &mut simd);
+        for i in 0..n {
+            let s = scalar::dot(ty, w, &a, i);
+            assert!(
+                (s - simd[i]).abs() <= 1e-4 * s.abs().max(1.0),
+                "{ty:?}: {s} vs {}",
+                simd[i]
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_and_avx2_give_the_same_bits() {
+    if Kernel::detect() != Kernel::Vnni {
+        return;
+    }
+    let cols = 192;
+    for ty in TYPES {
+        let m = matrix(ty, 4, cols, 8);
+        let a = Acts::quantize(&Lcg(9).vec(3 * cols), cols);
+        for r in 0..4 {
+            let w = &m.bytes()[r * m.row_bytes()..(r + 1) * m.row_bytes()];
+            let (mut v, mut x) = ([0f32; 4], [0f32; 4]);
+            Kernel::Vnni.dot(ty, w, &a, 0, 3, &mut v);
+            Kernel::Avx2.dot(ty, w, &a, 0, 3, &mut x);
+            assert_eq!(v, x, "{ty:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_named() {
+    assert_eq!(
+        QMatrix::new(QType::Q4_1, 2, 40, vec![]).err(),
+        Some(Error::Cols(40))
+    );
+    assert_eq!(
+        QMatrix::new(QType::Q4_1, 2, 64, vec![0; 79]).err(),
+        Some(Error::Bytes {
+            expected: 80,
+            got: 79
+        })
+    );
+}
+
+#[test]
+fn zero_activations_give_zero() {
+    for ty in TYPES {
+        let m = matrix(ty, 8, 64, 10);
+        let mut out = vec![1f32; 8];
+        m.matmul(&[0f32; 64], &mut out);
+        // Q4_1's offsets multiply the activation sum, which is 0 too.
+        assert!(out.iter().all(|v| *v == 0.0), "{ty:?}: {out:?}");
+    }
+}

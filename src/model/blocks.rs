@@ -1,0 +1,92 @@
+//! GGML-quantized matrices on the CPU, multiplied by emlab's own kernels (`emlab-kernels`):
+//! batch-invariant (a row's logits do not depend on what else is in the batch) and fast at
+//! batch 1. See the kernel crate's docs for why Candle's `QMatMul` is not used on the CPU.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+pub use emlab_kernels::{QMatrix, QType};
+
+use super::llama::Result;
+
+/// The kernel type for a GGML type, if emlab has a kernel for it.
+pub fn qtype(t: GgmlDType) -> Option<QType> {
+    match t {
+        GgmlDType::Q4_0 => Some(QType::Q4_0),
+        GgmlDType::Q4_1 => Some(QType::Q4_1),
+        GgmlDType::Q8_0 => Some(QType::Q8_0),
+        _ => None,
+    }
+}
+
+/// The blocks of a 2-D CPU `QTensor` whose type has a kernel here, or `None`.
+pub fn from_qtensor(q: &QTensor) -> Result<Option<QMatrix>> {
+    let (Some(ty), false) = (
+        qtype(q.dtype()),
+        q.device().is_cuda() || q.device().is_metal(),
+    ) else {
+        return Ok(None);
+    };
+    let (rows, cols) = q.shape().dims2()?;
+    QMatrix::new(ty, rows, cols, q.data()?.into_owned())
+        .map(Some)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+struct MatMul<'a>(&'a QMatrix);
+
+impl CustomOp1 for MatMul<'_> {
+    fn name(&self) -> &'static str {
+        "emlab-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!(
+                "quantized matmul takes f32 activations, got {:?}",
+                s.dtype()
+            )
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("quantized matmul needs contiguous activations")
+        };
+        let mut dims = l.shape().dims().to_vec();
+        if dims.last() != Some(&self.0.cols()) {
+            candle_core::bail!(
+                "quantized matmul: activations {:?} do not end in {} columns",
+                dims,
+                self.0.cols()
+            )
+        }
+        let x = &v[a..b];
+        let mut out = vec![0f32; x.len() / self.0.cols() * self.0.rows()];
+        self.0.matmul(x, &mut out);
+        *dims.last_mut().unwrap() = self.0.rows();
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// `x @ W^T` for f32 `x` of shape `[..., cols]`.
+pub fn matmul(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&MatMul(w))
+}
+
+/// `W` in f32 as a `[rows, cols]` tensor.
+pub fn dequantize(w: &QMatrix, dev: &candle_core::Device) -> Result<Tensor> {
+    Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), dev)
+}
+
+/// Embedding rows for `ids` (`u32`), `[ids.len(), cols]` in f32.
+pub fn embedding(w: &Arc<QMatrix>, ids: &[u32], dev: &candle_core::Device) -> Result<Tensor> {
+    let cols = w.cols();
+    let mut out = vec![0f32; ids.len() * cols];
+    for (o, &id) in out.chunks_exact_mut(cols).zip(ids) {
+        if id as usize >= w.rows() {
+            candle_core::bail!("token id {id} is outside the vocabulary of {}", w.rows())
+        }
+        w.dequantize_row(id as usize, o);
+    }
+    Tensor::from_vec(out, (ids.len(), cols), dev)
+}
