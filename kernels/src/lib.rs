@@ -170,46 +170,60 @@ impl QMatrix {
         self.matmul_acts(&acts, out);
     }
 
-    /// [`QMatrix::matmul`] on activations already quantized (several matrices that read the
-    /// same input share one quantization).
+    /// [`QMatrix::matmul`] on activations already quantized.
     pub fn matmul_acts(&self, acts: &Acts, out: &mut [f32]) {
-        assert_eq!(acts.cols, self.cols, "activation width");
-        let n = acts.n;
-        assert_eq!(out.len(), n * self.rows, "output size");
-        let kern = Kernel::detect();
-        let threads = rayon::current_num_threads().max(1);
-        // Row chunks: enough for load balance, large enough to amortize a task.
-        let chunk = (self.rows / (threads * 4))
-            .clamp(8, 256)
-            .min(self.rows.max(1));
-        let dst = SendPtr(out.as_mut_ptr());
-        let rows = self.rows;
-        let work = |c: usize| {
-            let r0 = c * chunk;
-            let r1 = (r0 + chunk).min(rows);
-            for r in r0..r1 {
-                let w = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-                let mut i = 0;
-                while i < n {
-                    let take = (n - i).min(4);
-                    let mut res = [0f32; 4];
-                    kern.dot(self.ty, w, acts, i, take, &mut res);
-                    for (k, v) in res[..take].iter().enumerate() {
-                        // SAFETY: element (i + k, r) is written by this task only.
-                        unsafe { *dst.get().add((i + k) * rows + r) = *v };
-                    }
-                    i += take;
-                }
-            }
-        };
-        let chunks = rows.div_ceil(chunk);
-        // One weight row is a few hundred ns of work: below a few hundred rows the fork/join
-        // costs more than it saves.
-        if chunks == 1 || (rows * n * self.cols) < 64 * 1024 {
-            (0..chunks).for_each(work);
-        } else {
-            (0..chunks).into_par_iter().for_each(work);
+        matmul_many(&[self], acts, &mut [out]);
+    }
+}
+
+/// Several products of the same activations (q/k/v, gate/up): one quantization of `x`, one
+/// parallel loop over all the matrices' rows. `outs[m]` is `n × ms[m].rows()`.
+pub fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]]) {
+    assert_eq!(ms.len(), outs.len(), "one output per matrix");
+    let n = acts.n;
+    for (m, o) in ms.iter().zip(outs.iter()) {
+        assert_eq!(acts.cols, m.cols, "activation width");
+        assert_eq!(o.len(), n * m.rows, "output size");
+    }
+    let kern = Kernel::detect();
+    let threads = rayon::current_num_threads().max(1);
+    let total_rows: usize = ms.iter().map(|m| m.rows).sum();
+    // Row chunks: enough for load balance, large enough to amortize a task.
+    let chunk = (total_rows / (threads * 4)).clamp(8, 256);
+    // Work items: (matrix, first row, end row).
+    let mut items = Vec::new();
+    for (mi, m) in ms.iter().enumerate() {
+        let mut r = 0;
+        while r < m.rows {
+            items.push((mi, r, (r + chunk).min(m.rows)));
+            r += chunk;
         }
+    }
+    let dst: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    let work = |&(mi, r0, r1): &(usize, usize, usize)| {
+        let m = ms[mi];
+        let rb = m.row_bytes();
+        for r in r0..r1 {
+            let w = &m.data[r * rb..(r + 1) * rb];
+            let mut i = 0;
+            while i < n {
+                let take = (n - i).min(4);
+                let mut res = [0f32; 4];
+                kern.dot(m.ty, w, acts, i, take, &mut res);
+                for (k, v) in res[..take].iter().enumerate() {
+                    // SAFETY: element (i + k, r) of output `mi` is written by this item only.
+                    unsafe { *dst[mi].get().add((i + k) * m.rows + r) = *v };
+                }
+                i += take;
+            }
+        }
+    };
+    // One weight row is a few hundred ns of work: for tiny products the fork/join costs
+    // more than it saves.
+    if items.len() == 1 || total_rows * n * acts.cols < 64 * 1024 {
+        items.iter().for_each(work);
+    } else {
+        items.par_iter().for_each(work);
     }
 }
 
@@ -233,8 +247,8 @@ pub struct Acts {
     n: usize,
     cols: usize,
     q: Vec<i8>,
-    d: Vec<f32>,
-    s: Vec<f32>,
+    /// `[d, s]` per block, side by side: the kernels load both with one instruction.
+    ds: Vec<f32>,
 }
 
 impl Acts {
@@ -243,13 +257,11 @@ impl Acts {
         let n = x.len() / cols;
         let nb = x.len() / BLOCK;
         let mut q = vec![0i8; x.len()];
-        let mut d = vec![0f32; nb];
-        let mut s = vec![0f32; nb];
-        for (((xb, qb), db), sb) in x
+        let mut ds = vec![0f32; 2 * nb];
+        for ((xb, qb), dsb) in x
             .chunks_exact(BLOCK)
             .zip(q.chunks_exact_mut(BLOCK))
-            .zip(d.iter_mut())
-            .zip(s.iter_mut())
+            .zip(ds.chunks_exact_mut(2))
         {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
@@ -262,10 +274,10 @@ impl Acts {
             }
             // Scales rounded through f16 as llama.cpp stores them (its q8_0/q8_1 blocks):
             // logits then match llama.cpp's more closely, at no cost in speed.
-            *db = f16::from_f32(scale).to_f32();
-            *sb = f16::from_f32(scale * sum as f32).to_f32();
+            dsb[0] = f16::from_f32(scale).to_f32();
+            dsb[1] = f16::from_f32(scale * sum as f32).to_f32();
         }
-        Acts { n, cols, q, d, s }
+        Acts { n, cols, q, ds }
     }
 
     pub fn rows(&self) -> usize {
@@ -346,8 +358,8 @@ mod scalar {
         for b in 0..nb {
             let blk = &w[b * bb..(b + 1) * bb];
             let xq = &a.q[(i * nb + b) * BLOCK..(i * nb + b + 1) * BLOCK];
-            let dx = a.d[i * nb + b];
-            let sx = a.s[i * nb + b];
+            let dx = a.ds[2 * (i * nb + b)];
+            let sx = a.ds[2 * (i * nb + b) + 1];
             let dw = f16_at(blk, 0);
             let (sum, m) = match ty {
                 QType::Q4_0 | QType::Q4_1 => {
@@ -409,28 +421,32 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// `(d, m)` of a Q4_1 block, or `(d, -8d)` of a Q4_0 block.
+    /// `[d, m, 0, 0]` of a Q4_1 block, or `[d, -8d, 0, 0]` of a Q4_0 block.
     #[inline(always)]
-    unsafe fn q4_scales(blk: *const u8, with_min: bool) -> (f32, f32) {
+    unsafe fn q4_scales(blk: *const u8, with_min: bool) -> __m128 {
         if with_min {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
-            (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+            _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
         } else {
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                (blk as *const u16).read_unaligned() as i32,
-            )));
-            (d, -8.0 * d)
+            let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                (blk as *const u16).read_unaligned() as i32
+            ));
+            _mm_mul_ps(_mm_moveldup_ps(d), _mm_setr_ps(1.0, -8.0, 0.0, 0.0))
         }
     }
 
-    /// The 32 weights of a 4-bit block as unsigned bytes in element order.
+    /// `[d_x, s_x, 0, 0]` of activation block `ib`.
+    #[inline(always)]
+    unsafe fn act_scales(a: &Acts, ib: usize) -> __m128 {
+        _mm_castpd_ps(_mm_load_sd(a.ds.as_ptr().add(2 * ib) as *const f64))
+    }
+
+    /// The 32 weights of a 4-bit block as unsigned bytes in element order: the 16 bytes in
+    /// both halves, the upper half shifted down a nibble, then masked.
     #[inline(always)]
     unsafe fn q4_unpack(qs: *const u8) -> __m256i {
-        let q = _mm_loadu_si128(qs as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        _mm256_set_m128i(hi, lo)
+        let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs as *const __m128i));
+        let q = _mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4));
+        _mm256_and_si256(q, _mm256_set1_epi8(0x0F))
     }
 
     macro_rules! q4_kernel {
@@ -446,24 +462,30 @@ mod x86 {
                 let bb = if with_min { 20 } else { 18 };
                 let qoff = if with_min { 4 } else { 2 };
                 let mut acc = [_mm256_setzero_ps(); R];
-                let mut mins = [0f32; R];
+                // Lane 1 sums m_w·s_x; lane 0 holds junk.
+                let mut mins = [_mm_setzero_ps(); R];
                 let wp = w.as_ptr();
                 for b in 0..nb {
                     let blk = wp.add(b * bb);
-                    let (dw, mw) = q4_scales(blk, with_min);
+                    let wdm = q4_scales(blk, with_min);
                     let qw = q4_unpack(blk.add(qoff));
                     for r in 0..R {
                         let ib = (i0 + r) * nb + b;
+                        // [d_w·d_x, m_w·s_x]
+                        let prod = _mm_mul_ps(wdm, act_scales(a, ib));
+                        mins[r] = _mm_add_ps(mins[r], prod);
                         let qx = _mm256_loadu_si256(a.q.as_ptr().add(ib * BLOCK) as *const __m256i);
                         let p = $idot(qw, qx);
-                        let dd = _mm256_set1_ps(dw * *a.d.get_unchecked(ib));
-                        acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc[r]);
-                        mins[r] += mw * *a.s.get_unchecked(ib);
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_broadcastss_ps(prod),
+                            _mm256_cvtepi32_ps(p),
+                            acc[r],
+                        );
                     }
                 }
                 let mut out = [0f32; R];
                 for r in 0..R {
-                    out[r] = hsum(acc[r]) + mins[r];
+                    out[r] = hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
                 }
                 out
             }
@@ -479,17 +501,17 @@ mod x86 {
                 let wp = w.as_ptr();
                 for b in 0..nb {
                     let blk = wp.add(b * 34);
-                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                        (blk as *const u16).read_unaligned() as i32,
-                    )));
+                    let wd = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                        (blk as *const u16).read_unaligned() as i32
+                    ));
                     let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                     // u8 × i8 products: |w| times x with w's sign.
                     let aw = _mm256_sign_epi8(qw, qw);
                     for r in 0..R {
                         let ib = (i0 + r) * nb + b;
+                        let dd = _mm256_broadcastss_ps(_mm_mul_ps(wd, act_scales(a, ib)));
                         let qx = _mm256_loadu_si256(a.q.as_ptr().add(ib * BLOCK) as *const __m256i);
                         let p = $idot(aw, _mm256_sign_epi8(qx, qw));
-                        let dd = _mm256_set1_ps(dw * *a.d.get_unchecked(ib));
                         acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc[r]);
                     }
                 }

@@ -215,3 +215,26 @@ fn zero_activations_give_zero() {
         assert!(out.iter().all(|v| *v == 0.0), "{ty:?}: {out:?}");
     }
 }
+
+/// Products sharing an input give, bit for bit, what separate products give.
+#[test]
+fn grouped_products_equal_separate_ones() {
+    let cols = 64;
+    let ms = [
+        matrix(QType::Q4_1, 40, cols, 11),
+        matrix(QType::Q8_0, 9, cols, 12),
+        matrix(QType::Q4_0, 300, cols, 13),
+    ];
+    let x = Lcg(14).vec(3 * cols);
+    let acts = Acts::quantize(&x, cols);
+    let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; 3 * m.rows()]).collect();
+    {
+        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        matmul_many(&[&ms[0], &ms[1], &ms[2]], &acts, &mut refs);
+    }
+    for (m, got) in ms.iter().zip(&outs) {
+        let mut one = vec![0f32; 3 * m.rows()];
+        m.matmul(&x, &mut one);
+        assert_eq!(&one, got, "{:?}", m.qtype());
+    }
+}

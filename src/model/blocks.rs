@@ -73,6 +73,41 @@ pub fn matmul(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&MatMul(w))
 }
 
+/// `x @ W_m^T` for several matrices reading the same f32 `x` (`[..., cols]`): the
+/// activations are quantized once and one parallel loop covers every matrix's rows.
+pub fn matmul_many(ws: &[&QMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    let x = x.contiguous()?;
+    let dims = x.dims().to_vec();
+    let cols = *dims.last().unwrap_or(&0);
+    if ws.iter().any(|w| w.cols() != cols) {
+        candle_core::bail!("quantized matmul: activations {dims:?} do not match the weights")
+    }
+    let mut outs: Vec<Vec<f32>> = {
+        let (st, l) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*st, l.contiguous_offsets())
+        else {
+            candle_core::bail!("quantized matmul takes contiguous f32 CPU activations")
+        };
+        let acts = emlab_kernels::Acts::quantize(&v[a..b], cols);
+        let mut outs: Vec<Vec<f32>> = ws
+            .iter()
+            .map(|w| vec![0f32; acts.rows() * w.rows()])
+            .collect();
+        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        emlab_kernels::matmul_many(ws, &acts, &mut refs);
+        outs
+    };
+    ws.iter()
+        .zip(outs.drain(..))
+        .map(|(w, o)| {
+            let mut d = dims.clone();
+            *d.last_mut().unwrap() = w.rows();
+            Tensor::from_vec(o, d, x.device())
+        })
+        .collect()
+}
+
 /// `W` in f32 as a `[rows, cols]` tensor.
 pub fn dequantize(w: &QMatrix, dev: &candle_core::Device) -> Result<Tensor> {
     Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), dev)

@@ -108,6 +108,30 @@ impl Linear {
         }
     }
 
+    /// Several projections of the same input. GGML blocks share one activation
+    /// quantization and one parallel loop (q/k/v, gate/up: fewer, larger tasks at batch 1).
+    pub fn forward_group(lins: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let blocks: Option<Vec<(&QMatrix, &Option<Tensor>)>> = lins
+            .iter()
+            .map(|l| match l {
+                Linear::Blocks(q, b) => Some((q.as_ref(), b)),
+                _ => None,
+            })
+            .collect();
+        let Some(blocks) = blocks else {
+            return lins.iter().map(|l| l.forward(x)).collect();
+        };
+        let ms: Vec<&QMatrix> = blocks.iter().map(|(q, _)| *q).collect();
+        blocks::matmul_many(&ms, x)?
+            .into_iter()
+            .zip(&blocks)
+            .map(|(y, (_, b))| match b {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            })
+            .collect()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
             Linear::Blocks(q, b) => (blocks::matmul(q, x)?, b),
@@ -408,8 +432,9 @@ impl Model {
             };
             x = (x + a)?;
             let h = rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps)?;
-            let g = layer.gate.forward(&h)?;
-            let u = layer.up.forward(&h)?;
+            let [g, u]: [Tensor; 2] = Linear::forward_group(&[&layer.gate, &layer.up], &h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up".into()))?;
             let m = layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
             x = (x + m)?;
         }
@@ -474,10 +499,11 @@ impl Model {
         use emlab_kernels::attn;
         let (b, t, _) = h.dims3()?;
         let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
-        let host = |x: Tensor| x.flatten_all()?.to_vec1::<f32>();
-        let mut q = host(layer.q.forward(h)?)?;
-        let mut k = host(layer.k.forward(h)?)?;
-        let v = host(layer.v.forward(h)?)?;
+        let host = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();
+        let qkv = Linear::forward_group(&[&layer.q, &layer.k, &layer.v], h)?;
+        let mut q = host(&qkv[0])?;
+        let mut k = host(&qkv[1])?;
+        let v = host(&qkv[2])?;
         let layout = match self.cfg.rope {
             RopeLayout::Half => attn::Rope::Half,
             RopeLayout::Interleaved => attn::Rope::Interleaved,
