@@ -31,5 +31,33 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The quantized product at SmolLM2-135M's MLP shape (576 → 1536, Q4_1 blocks with random
+/// nibbles): batch 1 is decoding one sequence, batch 16 a batch of samples.
+fn qmatmul(c: &mut Criterion) {
+    use emlab_kernels::{QMatrix, QType};
+    let (rows, cols) = (1536usize, 576usize);
+    let mut bytes = Vec::with_capacity(rows * cols / 32 * 20);
+    let mut s = 1u32;
+    for _ in 0..rows * cols / 32 {
+        bytes.extend_from_slice(&0x2000u16.to_le_bytes()); // d = 2^-7
+        bytes.extend_from_slice(&0xA800u16.to_le_bytes()); // m = -2^-5
+        for _ in 0..16 {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            bytes.push((s >> 24) as u8);
+        }
+    }
+    let w = QMatrix::new(QType::Q4_1, rows, cols, bytes).expect("matrix");
+    let mut g = c.benchmark_group("q4_1 576x1536");
+    for n in [1usize, 16] {
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let mut out = vec![0f32; n * rows];
+        g.throughput(Throughput::Elements((n * rows * cols) as u64));
+        g.bench_function(format!("batch {n}"), |b| b.iter(|| w.matmul(&x, &mut out)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, qmatmul);
 criterion_main!(benches);
