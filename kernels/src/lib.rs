@@ -326,8 +326,8 @@ impl Kernel {
     fn dot(self, ty: QType, w: &[u8], a: &Acts, i0: usize, take: usize, out: &mut [f32; 4]) {
         match self {
             Kernel::Scalar => {
-                for k in 0..take {
-                    out[k] = scalar::dot(ty, w, a, i0 + k);
+                for (k, o) in out[..take].iter_mut().enumerate() {
+                    *o = scalar::dot(ty, w, a, i0 + k);
                 }
             }
             #[cfg(target_arch = "x86_64")]

@@ -159,12 +159,11 @@ fn simd_and_scalar_agree() {
         let w = &m.bytes()[..m.row_bytes()];
         let mut simd = [0f32; 4];
         Kernel::detect().dot(ty, w, &a, 0, n, &mut simd);
-        for i in 0..n {
+        for (i, v) in simd[..n].iter().enumerate() {
             let s = scalar::dot(ty, w, &a, i);
             assert!(
-                (s - simd[i]).abs() <= 1e-4 * s.abs().max(1.0),
-                "{ty:?}: {s} vs {}",
-                simd[i]
+                (s - v).abs() <= 1e-4 * s.abs().max(1.0),
+                "{ty:?}: {s} vs {v}"
             );
         }
     }

@@ -220,7 +220,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
             } else {
                 None
             };
-            Ok(matrix(qt(&format!("blk.{i}.{n}.weight"))?, b)?)
+            matrix(qt(&format!("blk.{i}.{n}.weight"))?, b)
         };
         let qb = arch == Arch::Qwen2;
         let layer = Layer {
