@@ -82,7 +82,7 @@ pub struct QMatrix {
 
 impl QMatrix {
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<QMatrix, Error> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Err(Error::Cols(cols));
         }
         let expected = rows * (cols / BLOCK) * ty.block_bytes();
@@ -253,7 +253,10 @@ pub struct Acts {
 
 impl Acts {
     pub fn quantize(x: &[f32], cols: usize) -> Acts {
-        assert!(cols % BLOCK == 0 && x.len() % cols == 0, "activation shape");
+        assert!(
+            cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols),
+            "activation shape"
+        );
         let n = x.len() / cols;
         let nb = x.len() / BLOCK;
         let mut q = vec![0i8; x.len()];
