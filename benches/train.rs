@@ -44,5 +44,32 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// A frozen projection's product at SmolLM2's MLP shape for a 4 × 256 batch: f32 through
+/// Candle (the gemm crate) against bf16 inputs with f32 accumulation (AVX-512 BF16 CPUs).
+fn frozen_gemm(c: &mut Criterion) {
+    use candle_core::{Device, Tensor};
+    use emlab_kernels::bf16;
+    let (m, k, n) = (1024usize, 576usize, 1536usize);
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 53 % 97) as f32 - 48.0) / 480.0)
+        .collect();
+    let mut g = c.benchmark_group("frozen 1024x576x1536");
+    g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+    let at = Tensor::from_slice(&a, (m, k), &Device::Cpu).unwrap();
+    let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
+    g.bench_function("f32 candle", |b| {
+        b.iter(|| at.matmul(&wt.t().unwrap()).unwrap())
+    });
+    if bf16::available() {
+        let packed = bf16::PackedB::from_transposed(&w, n, k);
+        let mut out = vec![0f32; m * n];
+        g.bench_function("bf16", |b| b.iter(|| bf16::gemm(&a, &packed, &mut out)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, frozen_gemm);
 criterion_main!(benches);

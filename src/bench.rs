@@ -193,10 +193,11 @@ pub fn bench_train(
     seq_len: usize,
     steps: usize,
     r: usize,
+    bf16_base: bool,
 ) -> Result<(J, J), crate::train::run::TrainError> {
     use crate::train::lora::LoraParams;
     use crate::train::optim::{clip, AdamW};
-    use crate::train::run::{load_base, step_grads, Preset};
+    use crate::train::run::{load_base, step_grads_with, Preset};
     let m = load_base(model)?;
     let mut cfg = Preset::EmPaper.config();
     cfg.lora.r = r;
@@ -217,10 +218,25 @@ pub fn bench_train(
     let rows: Vec<usize> = (0..examples.len()).collect();
     let mut params = LoraParams::init(cfg.lora.clone(), &m.model, 0)?;
     let mut opt = AdamW::new(cfg.adamw, &params)?;
+    let t_pack = std::time::Instant::now();
+    let frozen = if bf16_base {
+        Some(crate::train::backprop::FrozenBf16::new(&m.model)?)
+    } else {
+        None
+    };
+    let pack_s = t_pack.elapsed().as_secs_f64();
     let mut times = Vec::new();
     for s in 0..=steps {
         let t0 = std::time::Instant::now();
-        let (_, _, _, mut g) = step_grads(&m.model, &params, &examples, &rows, batch, s as u64)?;
+        let (_, _, _, mut g) = step_grads_with(
+            &m.model,
+            &params,
+            &examples,
+            &rows,
+            batch,
+            s as u64,
+            frozen.as_ref(),
+        )?;
         clip(&mut g, 1.0)?;
         opt.step(&mut params, &g, 1e-5)?;
         if s > 0 {
@@ -230,8 +246,8 @@ pub fn bench_train(
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let tokens = (batch * seq_len) as f64;
     let device = &m.model.device;
-    let params_json = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "seq_len": seq_len, "steps": steps, "r": r, "trainable_params": params.numel(), "dtype": format!("{:?}", m.model.dtype), "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
-    let results = json!({"step_s": times, "mean_step_s": mean, "tokens_per_s": tokens / mean, "peak_rss_mib": peak_rss_mib()});
+    let params_json = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "seq_len": seq_len, "steps": steps, "r": r, "trainable_params": params.numel(), "dtype": format!("{:?}", m.model.dtype), "bf16_base": bf16_base, "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
+    let results = json!({"step_s": times, "mean_step_s": mean, "pack_s": pack_s, "tokens_per_s": tokens / mean, "peak_rss_mib": peak_rss_mib()});
     Ok((params_json, results))
 }
 

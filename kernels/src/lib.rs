@@ -18,6 +18,7 @@
 //! other CPUs.
 
 pub mod attn;
+pub mod bf16;
 
 use half::f16;
 use rayon::prelude::*;

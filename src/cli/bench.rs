@@ -46,6 +46,9 @@ pub enum BenchCmd {
         steps: usize,
         #[arg(long, default_value_t = 32)]
         r: usize,
+        /// Frozen base weights in bf16 for their products (as `train --bf16-base`).
+        #[arg(long)]
+        bf16_base: bool,
     },
     /// Time batched ingest (encode + hash + commit, one thread) and Parquet export.
     Store {
@@ -91,9 +94,10 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             seq_len,
             steps,
             r,
+            bf16_base,
         } => (
             "model.train",
-            emlab::bench::bench_train(&model, batch, seq_len, steps, r)
+            emlab::bench::bench_train(&model, batch, seq_len, steps, r, bf16_base)
                 .with_context(|| format!("benchmarking training on {}", model.display()))?,
         ),
         BenchCmd::Store { records, repeat } => (

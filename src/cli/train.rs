@@ -78,6 +78,11 @@ pub struct Args {
     /// Save a resumable checkpoint every this many steps (and at the end).
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Multiply by the frozen base weights in bf16 (f32 accumulation) on CPUs with AVX-512
+    /// BF16: about 1.8× faster products. Adapters, gradients and AdamW stay f32. Recorded
+    /// in the checkpoint's config.
+    #[arg(long)]
+    pub bf16_base: bool,
 }
 
 impl Args {
@@ -107,6 +112,7 @@ impl Args {
         set!(c.lora.dropout, self.dropout);
         set!(c.lora.targets, self.targets);
         set!(c.save_every, self.save_every);
+        c.bf16_base = self.bf16_base;
         c.micro_batch = c.micro_batch.min(c.batch_size);
         c.max_steps = self.max_steps;
         TrainPlan {

@@ -19,6 +19,7 @@ use super::kernels;
 use super::lora::LoraParams;
 use crate::model::llama::{Linear, Model, RopeLayout};
 use crate::rng::Rng;
+use emlab_kernels::bf16;
 
 pub type Result<T> = candle_core::Result<T>;
 
@@ -157,6 +158,7 @@ fn base_weight(lin: &Linear) -> Result<&Tensor> {
 
 fn lin_forward(
     lin: &Linear,
+    pack: Option<&Pack>,
     ad: Option<&Adapter>,
     x: &Tensor,
     keep: bool,
@@ -173,7 +175,16 @@ fn lin_forward(
         let u = if keep { Some(x.matmul(&a.t()?)?) } else { None };
         return Ok((y, LinTape { u }));
     }
-    let y = base_forward(lin, x)?;
+    let y = match pack {
+        Some(p) => {
+            let y = bf16_matmul(x, &p.0)?;
+            match lin {
+                Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
+                _ => y,
+            }
+        }
+        None => base_forward(lin, x)?,
+    };
     match ad {
         None => Ok((y, LinTape { u: None })),
         Some(ad) => {
@@ -190,8 +201,10 @@ fn lin_forward(
 
 /// Backward of a projection: returns `dx` (when `need_dx`), and adds the adapter's
 /// gradients to `grads`.
+#[allow(clippy::too_many_arguments)]
 fn lin_backward(
     lin: &Linear,
+    pack: Option<&Pack>,
     ad: Option<&Adapter>,
     tape: &LinTape,
     x: &Tensor,
@@ -202,10 +215,11 @@ fn lin_backward(
     // The frozen weight gets no gradient: only dx = dy W (W + s B A when merged, which
     // already holds the adapter's share of dx).
     let merged = ad.and_then(|a| a.merged.as_ref());
-    let dx = match (need_dx, merged) {
-        (false, _) => None,
-        (true, Some(w)) => Some(dy.matmul(w)?),
-        (true, None) => Some(dy.matmul(base_weight(lin)?)?),
+    let dx = match (need_dx, merged, pack) {
+        (false, _, _) => None,
+        (true, Some(w), _) => Some(dy.matmul(w)?),
+        (true, None, Some(p)) => Some(bf16_matmul(dy, &p.1)?),
+        (true, None, None) => Some(dy.matmul(base_weight(lin)?)?),
     };
     let (Some(ad), Some(u)) = (ad, &tape.u) else {
         return Ok(dx);
@@ -332,6 +346,76 @@ impl Merged {
     }
 }
 
+/// A frozen weight packed for bf16 products: `(x · Wᵀ, dy · W)`.
+type Pack = (bf16::PackedB, bf16::PackedB);
+
+/// The frozen base weights packed for bf16 products with f32 accumulation (CPUs with
+/// AVX-512 BF16): every dense projection and the LM head, in the forward and the
+/// input-gradient layouts. Packed once per run. Adapters, attention, norms and every
+/// gradient stay in f32; the adapters are never folded into a bf16 weight.
+pub struct FrozenBf16 {
+    lins: Vec<Vec<Option<Pack>>>,
+    lm: Pack,
+}
+
+fn pack(w: &Tensor) -> Result<Pack> {
+    let (n, k) = w.dims2()?;
+    let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((
+        bf16::PackedB::from_transposed(&v, n, k),
+        bf16::PackedB::from_rows(&v, n, k),
+    ))
+}
+
+impl FrozenBf16 {
+    /// Whether this machine can run them.
+    pub fn available() -> bool {
+        bf16::available()
+    }
+
+    pub fn new(model: &Model) -> Result<FrozenBf16> {
+        if !bf16::available() || !model.device.is_cpu() {
+            candle_core::bail!(
+                "bf16 base products need a CPU with AVX-512 BF16 (this one has none)"
+            )
+        }
+        let lins = model
+            .w
+            .layers
+            .iter()
+            .map(|l| {
+                (0..7)
+                    .map(|m| match super::lora::projection(l, m) {
+                        Linear::Dense(w, _) => pack(w).map(Some),
+                        _ => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let lm = pack(base_weight(&model.w.lm_head)?)?;
+        Ok(FrozenBf16 { lins, lm })
+    }
+}
+
+/// `x · B` for a packed `B`, `x` f32 `[..., k]` on the CPU.
+fn bf16_matmul(x: &Tensor, b: &bf16::PackedB) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut dims = x.dims().to_vec();
+    let rows = x.elem_count() / b.k();
+    let mut out = vec![0f32; rows * b.n()];
+    {
+        let (st, l) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) =
+            (&*st, l.contiguous_offsets())
+        else {
+            candle_core::bail!("bf16 products take f32 CPU tensors")
+        };
+        bf16::gemm(&v[s..e], b, &mut out);
+    }
+    *dims.last_mut().unwrap() = b.n();
+    Tensor::from_vec(out, dims, x.device())
+}
+
 /// The summed cross-entropy of a batch's targets and, with `opts.backward`, the gradients of
 /// `sum / opts.denom` for every adapter pair.
 pub fn loss_and_grads(
@@ -340,7 +424,7 @@ pub fn loss_and_grads(
     batch: &Batch,
     opts: PassOpts,
 ) -> Result<(f64, Option<Grads>)> {
-    loss_and_grads_merged(model, lora, batch, opts, None)
+    loss_and_grads_merged(model, lora, batch, opts, None, None)
 }
 
 /// [`loss_and_grads`] with merged weights computed beforehand.
@@ -350,6 +434,7 @@ pub fn loss_and_grads_merged(
     batch: &Batch,
     opts: PassOpts,
     cached: Option<&Merged>,
+    frozen: Option<&FrozenBf16>,
 ) -> Result<(f64, Option<Grads>)> {
     let cfg = &model.cfg;
     let dt = model.dtype;
@@ -394,7 +479,9 @@ pub fn loss_and_grads_merged(
             None
         };
         let (a, b) = (p.a.to_dtype(dt)?, p.b.to_dtype(dt)?);
-        let merged = match (opts.merge && drop.is_none(), cached) {
+        // With bf16 base products the adapters stay separate: folded into a bf16 weight,
+        // their small updates would round away.
+        let merged = match (opts.merge && drop.is_none() && frozen.is_none(), cached) {
             (false, _) => None,
             (true, Some(c)) => c.0[slot].clone(),
             (true, None) => Some(merge_one(model, lora, slot)?),
@@ -420,7 +507,9 @@ pub fn loss_and_grads_merged(
     };
     let mut tapes = Vec::with_capacity(cfg.layers);
     let mut adapters = Vec::with_capacity(cfg.layers);
+    let packs = |li: usize| frozen.map(|f| &f.lins[li]);
     for (li, layer) in model.w.layers.iter().enumerate() {
+        let pk = |m: usize| packs(li).and_then(|p| p[m].as_ref());
         let ads: Vec<Option<Adapter>> = (0..7)
             .map(|m| {
                 let inp = super::lora::projection(layer, m).dims()?.1;
@@ -428,9 +517,9 @@ pub fn loss_and_grads_merged(
             })
             .collect::<Result<_>>()?;
         let (h1, xn1, inv1) = rms_forward(&x, &layer.attn_norm, cfg.rms_eps)?;
-        let (q, tq) = lin_forward(&layer.q, ads[0].as_ref(), &h1, opts.backward)?;
-        let (k, tk) = lin_forward(&layer.k, ads[1].as_ref(), &h1, opts.backward)?;
-        let (v, tv) = lin_forward(&layer.v, ads[2].as_ref(), &h1, opts.backward)?;
+        let (q, tq) = lin_forward(&layer.q, pk(0), ads[0].as_ref(), &h1, opts.backward)?;
+        let (k, tk) = lin_forward(&layer.k, pk(1), ads[1].as_ref(), &h1, opts.backward)?;
+        let (v, tv) = lin_forward(&layer.v, pk(2), ads[2].as_ref(), &h1, opts.backward)?;
         let q = q.reshape((bsz, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k
             .reshape((bsz, t, nkv, hd))?
@@ -449,13 +538,13 @@ pub fn loss_and_grads_merged(
             .reshape((bsz, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((n, nh * hd))?;
-        let (o, to) = lin_forward(&layer.o, ads[3].as_ref(), &attn, opts.backward)?;
+        let (o, to) = lin_forward(&layer.o, pk(3), ads[3].as_ref(), &attn, opts.backward)?;
         let xmid = (&x + o)?;
         let (h2, xn2, inv2) = rms_forward(&xmid, &layer.ffn_norm, cfg.rms_eps)?;
-        let (g, tg) = lin_forward(&layer.gate, ads[4].as_ref(), &h2, opts.backward)?;
-        let (u, tu) = lin_forward(&layer.up, ads[5].as_ref(), &h2, opts.backward)?;
+        let (g, tg) = lin_forward(&layer.gate, pk(4), ads[4].as_ref(), &h2, opts.backward)?;
+        let (u, tu) = lin_forward(&layer.up, pk(5), ads[5].as_ref(), &h2, opts.backward)?;
         let act = kernels::silu_mul(&g, &u)?;
-        let (d, td) = lin_forward(&layer.down, ads[6].as_ref(), &act, opts.backward)?;
+        let (d, td) = lin_forward(&layer.down, pk(6), ads[6].as_ref(), &act, opts.backward)?;
         x = (xmid + d)?;
         if opts.backward {
             tapes.push(LayerTape {
@@ -502,7 +591,11 @@ pub fn loss_and_grads_merged(
         let pos = Tensor::from_slice(&batch.positions[start..start + c], c, dev)?;
         let lab = Tensor::from_slice(&batch.labels[start..start + c], (c, 1), dev)?;
         let xs = xf.index_select(&pos, 0)?;
-        let logits = xs.matmul(&lm.t()?)?.to_dtype(ce_dt)?;
+        let logits = match frozen {
+            Some(f) => bf16_matmul(&xs, &f.lm.0)?,
+            None => xs.matmul(&lm.t()?)?,
+        }
+        .to_dtype(ce_dt)?;
         let lse = kernels::log_sum_exp(&logits)?;
         let picked = logits.gather(&lab, 1)?;
         loss += (&lse - &picked)?
@@ -512,7 +605,10 @@ pub fn loss_and_grads_merged(
         if opts.backward {
             // d/dlogits of sum(CE) / denom: softmax minus one-hot.
             let dl = kernels::cross_entropy_grad(&logits, &lse, &lab, opts.denom)?.to_dtype(dt)?;
-            dsel.push(dl.matmul(lm)?);
+            dsel.push(match frozen {
+                Some(f) => bf16_matmul(&dl, &f.lm.1)?,
+                None => dl.matmul(lm)?,
+            });
         }
         start += c;
     }
@@ -533,6 +629,7 @@ pub fn loss_and_grads_merged(
 
     for li in (0..cfg.layers).rev() {
         let layer = &model.w.layers[li];
+        let pk = |m: usize| packs(li).and_then(|p| p[m].as_ref());
         let tp = tapes
             .pop()
             .ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
@@ -543,6 +640,7 @@ pub fn loss_and_grads_merged(
         let act = kernels::silu_mul(&tp.g, &tp.u)?;
         let dact = need(lin_backward(
             &layer.down,
+            pk(6),
             ads[6].as_ref(),
             &tp.down,
             &act,
@@ -554,6 +652,7 @@ pub fn loss_and_grads_merged(
         let (dg, du) = kernels::silu_mul_backward(&tp.g, &tp.u, &dact)?;
         let dh2 = (need(lin_backward(
             &layer.gate,
+            pk(4),
             ads[4].as_ref(),
             &tp.gate,
             &tp.h2,
@@ -562,6 +661,7 @@ pub fn loss_and_grads_merged(
             true,
         )?)? + need(lin_backward(
             &layer.up,
+            pk(5),
             ads[5].as_ref(),
             &tp.up,
             &tp.h2,
@@ -574,6 +674,7 @@ pub fn loss_and_grads_merged(
         // Attention.
         let dattn = need(lin_backward(
             &layer.o,
+            pk(3),
             ads[3].as_ref(),
             &tp.o,
             &tp.attn,
@@ -601,6 +702,7 @@ pub fn loss_and_grads_merged(
         let parts = [
             lin_backward(
                 &layer.q,
+                pk(0),
                 ads[0].as_ref(),
                 &tp.q,
                 &tp.h1,
@@ -610,6 +712,7 @@ pub fn loss_and_grads_merged(
             )?,
             lin_backward(
                 &layer.k,
+                pk(1),
                 ads[1].as_ref(),
                 &tp.k,
                 &tp.h1,
@@ -619,6 +722,7 @@ pub fn loss_and_grads_merged(
             )?,
             lin_backward(
                 &layer.v,
+                pk(2),
                 ads[2].as_ref(),
                 &tp.v,
                 &tp.h1,

@@ -18,7 +18,7 @@ use emlab_store::{Batch as StoreBatch, Id, Record, Store, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as J};
 
-use super::backprop::{loss_and_grads_merged, Batch, Grads, Merged, PassOpts};
+use super::backprop::{loss_and_grads_merged, Batch, FrozenBf16, Grads, Merged, PassOpts};
 use super::data::{epoch_order, micro_batches, prepare, Example, Overflow, PrepError, Prepared};
 use super::lora::{LoraParams, LoraSpec};
 use super::optim::{clip, lr_factor, AdamW, AdamWConfig, Schedule};
@@ -85,6 +85,12 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     /// Save a checkpoint every this many steps (and at the end).
     pub save_every: usize,
+    /// Frozen base weights in bf16 for their products (f32 accumulation) on CPUs with
+    /// AVX-512 BF16; adapters, optimizer and gradients stay f32. Off: everything f32 on the
+    /// CPU. (CUDA always trains on bf16 weights.) Absent from older configs, so their run
+    /// keys are unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16_base: bool,
 }
 
 /// Named recipes.
@@ -136,6 +142,7 @@ impl Preset {
             overflow: Overflow::Truncate,
             max_steps: None,
             save_every: 50,
+            bf16_base: false,
         };
         if self == Preset::Realign {
             c.epochs = 4;
@@ -303,15 +310,29 @@ pub fn eval_loss(
     examples: &[Example],
     micro: usize,
 ) -> Result<f64, TrainError> {
+    eval_loss_with(model, params, examples, micro, None)
+}
+
+/// [`eval_loss`] with the base products in bf16 when `frozen` is given.
+pub fn eval_loss_with(
+    model: &crate::model::llama::Model,
+    params: &LoraParams,
+    examples: &[Example],
+    micro: usize,
+    frozen: Option<&FrozenBf16>,
+) -> Result<f64, TrainError> {
     let idx: Vec<usize> = (0..examples.len()).collect();
-    let merged = Merged::new(model, params)?;
+    let merged = match frozen {
+        None => Some(Merged::new(model, params)?),
+        Some(_) => None,
+    };
     let mut sum = 0.0;
     let mut n = 0usize;
     for mb in micro_batches(examples, &idx, micro) {
         let batch = batch_of(examples, &mb, &model.device)?;
         let mut o = PassOpts::new(1.0);
         o.backward = false;
-        sum += loss_and_grads_merged(model, params, &batch, o, Some(&merged))?.0;
+        sum += loss_and_grads_merged(model, params, &batch, o, merged.as_ref(), frozen)?.0;
         n += batch.targets();
     }
     Ok(sum / n.max(1) as f64)
@@ -327,11 +348,24 @@ pub fn step_grads(
     micro: usize,
     dropout_seed: u64,
 ) -> Result<(f64, usize, usize, Grads), TrainError> {
+    step_grads_with(model, params, examples, rows, micro, dropout_seed, None)
+}
+
+/// [`step_grads`] with the base products in bf16 when `frozen` is given.
+pub fn step_grads_with(
+    model: &crate::model::llama::Model,
+    params: &LoraParams,
+    examples: &[Example],
+    rows: &[usize],
+    micro: usize,
+    dropout_seed: u64,
+    frozen: Option<&FrozenBf16>,
+) -> Result<(f64, usize, usize, Grads), TrainError> {
     let denom: usize = rows.iter().map(|&i| examples[i].targets()).sum();
     let mut grads = Grads::zeros(params)?;
     let mut loss = 0.0;
     let mut tokens = 0;
-    let merged = if params.spec.dropout == 0.0 {
+    let merged = if params.spec.dropout == 0.0 && frozen.is_none() {
         Some(Merged::new(model, params)?)
     } else {
         None
@@ -341,7 +375,7 @@ pub fn step_grads(
         let batch = batch_of(examples, &mb, &model.device)?;
         let mut o = PassOpts::new(denom.max(1) as f64);
         o.dropout_seed = dropout_seed.wrapping_add(k as u64);
-        let (l, g) = loss_and_grads_merged(model, params, &batch, o, merged.as_ref())?;
+        let (l, g) = loss_and_grads_merged(model, params, &batch, o, merged.as_ref(), frozen)?;
         loss += l;
         if let Some(g) = g {
             grads.add(&g)?;
@@ -498,9 +532,15 @@ pub fn run(
         }
     };
     report.trainable_params = state.params.numel();
+    let frozen = if cfg.bf16_base && model.device.is_cpu() {
+        Some(FrozenBf16::new(model)?)
+    } else {
+        None
+    };
+    let frozen = frozen.as_ref();
     if let Some(ev) = &eval {
         if state.step == 0 && state.eval.is_empty() {
-            let l = eval_loss(model, &state.params, ev, cfg.micro_batch)?;
+            let l = eval_loss_with(model, &state.params, ev, cfg.micro_batch, frozen)?;
             state.eval.push((0, l));
         }
     }
@@ -515,13 +555,14 @@ pub fn run(
         let within = step % per_epoch;
         let rows = &order[within * cfg.batch_size..((within + 1) * cfg.batch_size).min(n)];
         let ts = Instant::now();
-        let (loss_sum, denom, tokens, mut grads) = step_grads(
+        let (loss_sum, denom, tokens, mut grads) = step_grads_with(
             model,
             &state.params,
             examples,
             rows,
             cfg.micro_batch,
             cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            frozen,
         )?;
         let loss = loss_sum / denom.max(1) as f64;
         let norm = clip(&mut grads, cfg.max_grad_norm)?;
@@ -541,7 +582,7 @@ pub fn run(
         let mut metrics = json!({"loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "target_tokens": denom, "seconds": secs, "tokens_per_s": tokens as f64 / secs.max(1e-9), "epoch": epoch});
         if let Some(ev) = &eval {
             if state.step % plan.eval_every.max(1) == 0 || state.step == total {
-                let l = eval_loss(model, &state.params, ev, cfg.micro_batch)?;
+                let l = eval_loss_with(model, &state.params, ev, cfg.micro_batch, frozen)?;
                 state.eval.push((state.step, l));
                 metrics["eval_loss"] = json!(l);
             }
