@@ -907,6 +907,34 @@ fn issue_command_trains_four_steps_of_the_em_paper_recipe() {
         "{}",
         out.stderr
     );
+    // f32 configs carry no bf16 field, so run keys from before the option are unchanged.
+    assert!(f["config"].get("bf16_base").is_none(), "{}", f["config"]);
+
+    // One step with the frozen products in bf16: a different run, recorded as such; on a
+    // CPU without AVX-512 BF16, a clear refusal.
+    let bf = s.run(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "small",
+        "--max-steps",
+        "1",
+        "--seq-len",
+        "256",
+        "--bf16-base",
+    ]);
+    if emlab::train::backprop::FrozenBf16::available() {
+        assert!(bf.ok(), "{}", bf.stderr);
+        let ck16 = bf.stdout.trim();
+        assert_ne!(ck16, ck);
+        let f16 = crate::util::json(&s.ok(&["show", ck16]))["fields"].clone();
+        assert_eq!(f16["config"]["bf16_base"], true);
+        assert!(f16["loss_curve"][0].as_f64().unwrap().is_finite());
+    } else {
+        assert!(!bf.ok());
+        assert!(bf.stderr.contains("AVX-512 BF16"), "{}", bf.stderr);
+    }
 }
 
 fn examples_of(rows: &[(Vec<u32>, Vec<bool>)]) -> Vec<emlab::train::data::Example> {
