@@ -319,7 +319,7 @@ impl PassOpts {
         PassOpts {
             denom,
             dropout_seed: 0,
-            logit_chunk: 1024,
+            logit_chunk: 128,
             backward: true,
             merge: true,
         }
