@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use crate::SendPtr;
+
 /// Columns per panel (two registers of 16 f32 lanes).
 const NR: usize = 32;
 /// Rows per register tile.
@@ -169,16 +171,6 @@ pub fn gemm(a: &[f32], b: &PackedB, c: &mut [f32]) {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -278,18 +270,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::tests::lcg;
 
     fn bf(x: f32) -> f64 {
         half::bf16::from_bits(to_bf16(x)).to_f64()

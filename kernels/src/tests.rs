@@ -15,6 +15,11 @@ impl Lcg {
     }
 }
 
+/// `n` values in [-1, 1) from `seed` (the other modules' tests use it too).
+pub(crate) fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    Lcg(seed).vec(n)
+}
+
 fn put_f16(out: &mut Vec<u8>, v: f32) {
     out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
 }
