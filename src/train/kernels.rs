@@ -167,28 +167,6 @@ impl CustomOp2 for SiluMul {
     }
 }
 
-/// `du = dact * silu(g)`.
-struct SiluDu;
-impl CustomOp2 for SiluDu {
-    fn name(&self) -> &'static str {
-        "emlab-silu-du"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        on_float!(s1, |g: T| {
-            let g = slice(g, l1)?;
-            let d = slice(get::<T>(s2)?, l2)?;
-            let out = map2(g, d, |g, d| d.mul(g.mul(sigmoid(g))));
-            Ok((T::wrap(out), l1.shape().clone()))
-        })
-    }
-}
-
 /// `dg = dact * u * silu'(g)`, `silu'(g) = s (1 + g (1 - s))` with `s = sigmoid(g)`.
 struct SiluDg;
 impl CustomOp3 for SiluDg {
@@ -421,7 +399,8 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dact: &Tensor) -> Result<(Tensor, Tensor)> {
     if fused(&[g, u, dact]) {
         let (g, u, d) = (g.contiguous()?, u.contiguous()?, dact.contiguous()?);
-        let du = g.apply_op2_no_bwd(&d, &SiluDu)?;
+        // du = dact · silu(g): the forward kernel with dact in u's place.
+        let du = g.apply_op2_no_bwd(&d, &SiluMul)?;
         let dg = g.apply_op3_no_bwd(&u, &d, &SiluDg)?;
         return Ok((dg, du));
     }
