@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("LoRA step, 4 x 128 tokens", |b| {
         b.iter(|| {
             let (_, _, _, grads) =
-                step_grads(&model, &params, &examples, &rows, 4, 0).expect("step");
+                step_grads(&model, &params, &examples, &rows, 4, 0, None).expect("step");
             opt.step(&mut params, &grads, 1e-4).expect("update");
         })
     });

@@ -197,7 +197,7 @@ pub fn bench_train(
 ) -> Result<(J, J), crate::train::run::TrainError> {
     use crate::train::lora::LoraParams;
     use crate::train::optim::{clip, AdamW};
-    use crate::train::run::{load_base, step_grads_with, Preset};
+    use crate::train::run::{load_base, step_grads, Preset};
     let m = load_base(model)?;
     let mut cfg = Preset::EmPaper.config();
     cfg.lora.r = r;
@@ -228,7 +228,7 @@ pub fn bench_train(
     let mut times = Vec::new();
     for s in 0..=steps {
         let t0 = std::time::Instant::now();
-        let (_, _, _, mut g) = step_grads_with(
+        let (_, _, _, mut g) = step_grads(
             &m.model,
             &params,
             &examples,

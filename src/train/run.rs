@@ -303,18 +303,9 @@ fn batch_of(examples: &[Example], idx: &[usize], dev: &Device) -> candle_core::R
     Batch::new(&rows, dev)
 }
 
-/// Mean loss per target token over `examples`, no gradients.
+/// Mean loss per target token over `examples`, no gradients; the base products in bf16
+/// when `frozen` is given.
 pub fn eval_loss(
-    model: &crate::model::llama::Model,
-    params: &LoraParams,
-    examples: &[Example],
-    micro: usize,
-) -> Result<f64, TrainError> {
-    eval_loss_with(model, params, examples, micro, None)
-}
-
-/// [`eval_loss`] with the base products in bf16 when `frozen` is given.
-pub fn eval_loss_with(
     model: &crate::model::llama::Model,
     params: &LoraParams,
     examples: &[Example],
@@ -339,20 +330,8 @@ pub fn eval_loss_with(
 }
 
 /// One optimizer step's gradients over `rows` (indices into `examples`): summed loss,
-/// target tokens, tokens processed.
+/// target tokens, tokens processed. The base products run in bf16 when `frozen` is given.
 pub fn step_grads(
-    model: &crate::model::llama::Model,
-    params: &LoraParams,
-    examples: &[Example],
-    rows: &[usize],
-    micro: usize,
-    dropout_seed: u64,
-) -> Result<(f64, usize, usize, Grads), TrainError> {
-    step_grads_with(model, params, examples, rows, micro, dropout_seed, None)
-}
-
-/// [`step_grads`] with the base products in bf16 when `frozen` is given.
-pub fn step_grads_with(
     model: &crate::model::llama::Model,
     params: &LoraParams,
     examples: &[Example],
@@ -540,7 +519,7 @@ pub fn run(
     let frozen = frozen.as_ref();
     if let Some(ev) = &eval {
         if state.step == 0 && state.eval.is_empty() {
-            let l = eval_loss_with(model, &state.params, ev, cfg.micro_batch, frozen)?;
+            let l = eval_loss(model, &state.params, ev, cfg.micro_batch, frozen)?;
             state.eval.push((0, l));
         }
     }
@@ -555,7 +534,7 @@ pub fn run(
         let within = step % per_epoch;
         let rows = &order[within * cfg.batch_size..((within + 1) * cfg.batch_size).min(n)];
         let ts = Instant::now();
-        let (loss_sum, denom, tokens, mut grads) = step_grads_with(
+        let (loss_sum, denom, tokens, mut grads) = step_grads(
             model,
             &state.params,
             examples,
@@ -582,7 +561,7 @@ pub fn run(
         let mut metrics = json!({"loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens, "target_tokens": denom, "seconds": secs, "tokens_per_s": tokens as f64 / secs.max(1e-9), "epoch": epoch});
         if let Some(ev) = &eval {
             if state.step % plan.eval_every.max(1) == 0 || state.step == total {
-                let l = eval_loss_with(model, &state.params, ev, cfg.micro_batch, frozen)?;
+                let l = eval_loss(model, &state.params, ev, cfg.micro_batch, frozen)?;
                 state.eval.push((state.step, l));
                 metrics["eval_loss"] = json!(l);
             }

@@ -882,17 +882,22 @@ fn issue_command_trains_four_steps_of_the_em_paper_recipe() {
         "data", "derive", "small", "--from", "medical", "--sample", "200", "--seed", "1",
     ]);
     let model = crate::model::smollm2_path();
-    let out = s.run(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        "small",
-        "--max-steps",
-        "4",
-        "--seq-len",
-        "256",
-    ]);
+    let train = |steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "small",
+            "--max-steps",
+            steps,
+            "--seq-len",
+            "256",
+        ];
+        args.extend_from_slice(extra);
+        s.run(&args)
+    };
+    let out = train("4", &[]);
     assert!(out.ok(), "{}", out.stderr);
     let ck = out.stdout.trim();
     let rec = crate::util::json(&s.ok(&["show", ck]));
@@ -912,18 +917,7 @@ fn issue_command_trains_four_steps_of_the_em_paper_recipe() {
 
     // One step with the frozen products in bf16: a different run, recorded as such; on a
     // CPU without AVX-512 BF16, a clear refusal.
-    let bf = s.run(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        "small",
-        "--max-steps",
-        "1",
-        "--seq-len",
-        "256",
-        "--bf16-base",
-    ]);
+    let bf = train("1", &["--bf16-base"]);
     if emlab::train::backprop::FrozenBf16::available() {
         assert!(bf.ok(), "{}", bf.stderr);
         let ck16 = bf.stdout.trim();
@@ -959,7 +953,7 @@ fn gradient_accumulation_equals_one_batch() {
     ));
     let ex = examples_of(&rs);
     let idx = [0, 1, 2];
-    let run = |micro| emlab::train::run::step_grads(&model, &p, &ex, &idx, micro, 0).unwrap();
+    let run = |micro| emlab::train::run::step_grads(&model, &p, &ex, &idx, micro, 0, None).unwrap();
     let (l1, n1, _, g1) = run(1);
     let (l3, n3, _, g3) = run(3);
     assert_eq!(n1, n3);
@@ -987,7 +981,7 @@ fn lora_dropout_is_seeded_and_changes_the_gradient() {
     let ex = examples_of(&rows());
     let idx = [0, 1];
     let g = |p: &LoraParams, seed| {
-        emlab::train::run::step_grads(&model, p, &ex, &idx, 2, seed)
+        emlab::train::run::step_grads(&model, p, &ex, &idx, 2, seed, None)
             .unwrap()
             .3
     };
