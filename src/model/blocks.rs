@@ -4,9 +4,8 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Tensor};
 pub use emlab_kernels::{QMatrix, QType};
 
 use super::llama::Result;
@@ -35,42 +34,10 @@ pub fn from_qtensor(q: &QTensor) -> Result<Option<QMatrix>> {
         .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
-struct MatMul<'a>(&'a QMatrix);
-
-impl CustomOp1 for MatMul<'_> {
-    fn name(&self) -> &'static str {
-        "emlab-qmatmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!(
-                "quantized matmul takes f32 activations, got {:?}",
-                s.dtype()
-            )
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("quantized matmul needs contiguous activations")
-        };
-        let mut dims = l.shape().dims().to_vec();
-        if dims.last() != Some(&self.0.cols()) {
-            candle_core::bail!(
-                "quantized matmul: activations {:?} do not end in {} columns",
-                dims,
-                self.0.cols()
-            )
-        }
-        let x = &v[a..b];
-        let mut out = vec![0f32; x.len() / self.0.cols() * self.0.rows()];
-        self.0.matmul(x, &mut out);
-        *dims.last_mut().unwrap() = self.0.rows();
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
-    }
-}
-
 /// `x @ W^T` for f32 `x` of shape `[..., cols]`.
 pub fn matmul(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&MatMul(w))
+    let mut out = matmul_many(&[w], x)?;
+    Ok(out.remove(0))
 }
 
 /// `x @ W_m^T` for several matrices reading the same f32 `x` (`[..., cols]`): the
