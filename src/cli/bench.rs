@@ -26,12 +26,8 @@ pub enum BenchCmd {
         prompt_len: usize,
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
-        /// GGUF weights: quantized, dense, or auto (quantized on the CPU, dense on CUDA).
-        #[arg(long, value_enum, default_value_t)]
-        weights: emlab::model::WeightMode,
-        /// Same as `--weights quantized` (kept for older scripts).
-        #[arg(long, hide = true, conflicts_with = "weights")]
-        keep_quantized: bool,
+        #[command(flatten)]
+        weights: super::generate::WeightArgs,
     },
     /// LoRA training steps/s and tokens/s of a local model (random rows, em-paper adapter).
     Train {
@@ -72,21 +68,10 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             prompt_len,
             new_tokens,
             weights,
-            keep_quantized,
         } => (
             "model.generate",
-            emlab::bench::bench_generate(
-                &model,
-                batch,
-                prompt_len,
-                new_tokens,
-                if keep_quantized {
-                    emlab::model::WeightMode::Quantized
-                } else {
-                    weights
-                },
-            )
-            .with_context(|| format!("benchmarking {}", model.display()))?,
+            emlab::bench::bench_generate(&model, batch, prompt_len, new_tokens, weights.mode())
+                .with_context(|| format!("benchmarking {}", model.display()))?,
         ),
         BenchCmd::Train {
             model,

@@ -50,13 +50,8 @@ pub struct Args {
     /// Mixed into every sample's seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// GGUF weights: `quantized` (the stored blocks, on emlab's batch-invariant CPU kernels),
-    /// `dense` (dequantized), or `auto` (quantized on the CPU, dense on CUDA).
-    #[arg(long, value_enum, default_value_t)]
-    pub weights: emlab::model::WeightMode,
-    /// Same as `--weights quantized` (kept for older scripts).
-    #[arg(long, hide = true, conflicts_with = "weights")]
-    pub keep_quantized: bool,
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long, conflicts_with = "checkpoint")]
     pub adapter: Option<PathBuf>,
@@ -66,6 +61,28 @@ pub struct Args {
     /// Merge the adapter into the base weights before sampling.
     #[arg(long, requires = "adapter")]
     pub merge_adapter: bool,
+}
+
+/// Which GGUF weights a local model samples with (`generate`, `bench generate`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WeightArgs {
+    /// GGUF weights: `quantized` (the stored blocks, on emlab's batch-invariant CPU kernels),
+    /// `dense` (dequantized), or `auto` (quantized on the CPU, dense on CUDA).
+    #[arg(long, value_enum, default_value_t)]
+    weights: emlab::model::WeightMode,
+    /// Same as `--weights quantized` (kept for older scripts).
+    #[arg(long, hide = true, conflicts_with = "weights")]
+    keep_quantized: bool,
+}
+
+impl WeightArgs {
+    pub fn mode(&self) -> emlab::model::WeightMode {
+        if self.keep_quantized {
+            emlab::model::WeightMode::Quantized
+        } else {
+            self.weights
+        }
+    }
 }
 
 pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
@@ -141,11 +158,7 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         system: a.system,
         batch: a.batch,
         seed: a.seed,
-        weights: if a.keep_quantized {
-            emlab::model::WeightMode::Quantized
-        } else {
-            a.weights
-        },
+        weights: a.weights.mode(),
         adapter,
         merge_adapter,
     };
