@@ -142,7 +142,7 @@ fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static A: OnceLock<bool> = OnceLock::new();
         *A.get_or_init(|| {
-            std::env::var_os("EMLAB_SCALAR_KERNELS").is_none()
+            crate::simd_allowed()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
         })

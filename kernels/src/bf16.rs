@@ -26,7 +26,7 @@ pub fn available() -> bool {
         use std::sync::OnceLock;
         static A: OnceLock<bool> = OnceLock::new();
         *A.get_or_init(|| {
-            std::env::var_os("EMLAB_SCALAR_KERNELS").is_none()
+            crate::simd_allowed()
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bf16")
         })

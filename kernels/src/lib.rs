@@ -228,6 +228,12 @@ pub fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]]) {
     }
 }
 
+/// `EMLAB_SCALAR_KERNELS` (any value) turns every SIMD kernel here off, to compare against
+/// the scalar paths.
+pub(crate) fn simd_allowed() -> bool {
+    std::env::var_os("EMLAB_SCALAR_KERNELS").is_none()
+}
+
 /// An output pointer shared by parallel tasks that write disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub(crate) *mut f32);
@@ -304,7 +310,7 @@ impl Kernel {
         use std::sync::OnceLock;
         static K: OnceLock<Kernel> = OnceLock::new();
         *K.get_or_init(|| {
-            if std::env::var_os("EMLAB_SCALAR_KERNELS").is_some() {
+            if !simd_allowed() {
                 return Kernel::Scalar;
             }
             #[cfg(target_arch = "x86_64")]
