@@ -19,6 +19,7 @@
 
 pub mod attn;
 pub mod bf16;
+pub mod lowrank;
 
 use half::f16;
 use rayon::prelude::*;

@@ -19,7 +19,7 @@ use super::kernels;
 use super::lora::LoraParams;
 use crate::model::llama::{Linear, Model, RopeLayout};
 use crate::rng::Rng;
-use emlab_kernels::bf16;
+use emlab_kernels::{bf16, lowrank};
 
 pub type Result<T> = candle_core::Result<T>;
 
@@ -117,7 +117,12 @@ impl Grads {
 /// A LoRA pair as used in one pass: weights in the compute dtype and the scale.
 struct Adapter {
     a: Tensor,
-    b: Tensor,
+    /// `s B`: the scale folded into the (small) up-projection once per pass instead of
+    /// into every `[tokens, out]` product.
+    bs: Tensor,
+    /// `(s B)ᵀ` and `A` as row-major f32 for [`lowrank::add_product`] (bf16 base products,
+    /// where the adapter's share is added into the base product's output buffer).
+    host: Option<(Vec<f32>, Vec<f32>)>,
     scale: f64,
     /// Dropout keep-mask already divided by the keep probability, `[n, in]`.
     drop: Option<Tensor>,
@@ -132,21 +137,6 @@ struct Adapter {
 struct LinTape {
     /// `x A^T` (after dropout) when the projection has an adapter.
     u: Option<Tensor>,
-}
-
-fn base_forward(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    match lin {
-        Linear::Dense(w, bias) => {
-            let y = x.matmul(&w.t()?)?;
-            match bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        }
-        _ => candle_core::bail!(
-            "training needs dense base weights (dequantize the model; no merged adapters)"
-        ),
-    }
 }
 
 fn base_weight(lin: &Linear) -> Result<&Tensor> {
@@ -175,28 +165,34 @@ fn lin_forward(
         let u = if keep { Some(x.matmul(&a.t()?)?) } else { None };
         return Ok((y, LinTape { u }));
     }
-    let y = match pack {
-        Some(p) => {
-            let y = bf16_matmul(x, &p.0)?;
-            match lin {
-                Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
-                _ => y,
-            }
-        }
-        None => base_forward(lin, x)?,
-    };
-    match ad {
-        None => Ok((y, LinTape { u: None })),
+    let u = match ad {
+        None => None,
         Some(ad) => {
             let xin = match &ad.drop {
                 Some(m) => (x * m)?,
                 None => x.clone(),
             };
-            let u = xin.matmul(&ad.a.t()?)?;
-            let y = (y + (u.matmul(&ad.b.t()?)? * ad.scale)?)?;
-            Ok((y, LinTape { u: Some(u) }))
+            Some(xin.matmul(&ad.a.t()?)?)
         }
-    }
+    };
+    let y = match (pack, ad.and_then(|a| a.host.as_ref()), &u) {
+        (Some(p), Some(h), Some(u)) => bf16_matmul(x, &p.0, Some((u, &h.0)))?,
+        _ => {
+            let y = match pack {
+                Some(p) => bf16_matmul(x, &p.0, None)?,
+                None => x.matmul(&base_weight(lin)?.t()?)?,
+            };
+            match (ad, &u) {
+                (Some(ad), Some(u)) => (y + u.matmul(&ad.bs.t()?)?)?,
+                _ => y,
+            }
+        }
+    };
+    let y = match lin {
+        Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
+        _ => y,
+    };
+    Ok((y, LinTape { u }))
 }
 
 /// Backward of a projection: returns `dx` (when `need_dx`), and adds the adapter's
@@ -215,19 +211,21 @@ fn lin_backward(
     // The frozen weight gets no gradient: only dx = dy W (W + s B A when merged, which
     // already holds the adapter's share of dx).
     let merged = ad.and_then(|a| a.merged.as_ref());
-    let dx = match (need_dx, merged, pack) {
-        (false, _, _) => None,
-        (true, Some(w), _) => Some(dy.matmul(w)?),
-        (true, None, Some(p)) => Some(bf16_matmul(dy, &p.1)?),
-        (true, None, None) => Some(dy.matmul(base_weight(lin)?)?),
+    let base_dx = |add: Option<(&Tensor, &[f32])>| -> Result<Option<Tensor>> {
+        Ok(match (need_dx, merged, pack) {
+            (false, _, _) => None,
+            (true, Some(w), _) => Some(dy.matmul(w)?),
+            (true, None, Some(p)) => Some(bf16_matmul(dy, &p.1, add)?),
+            (true, None, None) => Some(dy.matmul(base_weight(lin)?)?),
+        })
     };
     let (Some(ad), Some(u)) = (ad, &tape.u) else {
-        return Ok(dx);
+        return base_dx(None);
     };
     let dt = grads.a[ad.slot].dtype();
     // dB = s dy^T u ; du = s dy B ; dA = du^T x_in ; dx += du A (through the dropout mask).
     let db = (dy.t()?.matmul(u)? * ad.scale)?;
-    let du = (dy.matmul(&ad.b)? * ad.scale)?;
+    let du = dy.matmul(&ad.bs)?;
     let xin = match &ad.drop {
         Some(m) => (x * m)?,
         None => x.clone(),
@@ -235,8 +233,16 @@ fn lin_backward(
     let da = du.t()?.matmul(&xin)?;
     grads.b[ad.slot] = (&grads.b[ad.slot] + db.to_dtype(dt)?)?;
     grads.a[ad.slot] = (&grads.a[ad.slot] + da.to_dtype(dt)?)?;
-    match dx {
-        Some(dx) if merged.is_none() => {
+    if merged.is_some() {
+        return base_dx(None);
+    }
+    // bf16 base products add du A into their own output buffer (without dropout, whose
+    // mask applies to du A alone).
+    if let (Some(_), Some((_, a)), None) = (pack, &ad.host, &ad.drop) {
+        return base_dx(Some((&du, a)));
+    }
+    match base_dx(None)? {
+        Some(dx) => {
             let dxl = du.matmul(&ad.a)?;
             let dxl = match &ad.drop {
                 Some(m) => (dxl * m)?,
@@ -244,7 +250,7 @@ fn lin_backward(
             };
             Ok(Some((dx + dxl)?))
         }
-        dx => Ok(dx),
+        None => Ok(None),
     }
 }
 
@@ -397,20 +403,28 @@ impl FrozenBf16 {
     }
 }
 
-/// `x · B` for a packed `B`, `x` f32 `[..., k]` on the CPU.
-fn bf16_matmul(x: &Tensor, b: &bf16::PackedB) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
+/// Run `f` on the elements of an f32 CPU tensor (copied only when not contiguous).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) =
+        (&*st, l.contiguous_offsets())
+    else {
+        candle_core::bail!("bf16 products take f32 CPU tensors")
+    };
+    Ok(f(&v[s..e]))
+}
+
+/// `x · B` for a packed `B`, `x` f32 `[..., k]` on the CPU, plus `u · w` (`u` `[rows, r]`,
+/// `w` row-major `[r, n]`) when given: a LoRA adapter's share, added into the same buffer.
+fn bf16_matmul(x: &Tensor, b: &bf16::PackedB, add: Option<(&Tensor, &[f32])>) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let rows = x.elem_count() / b.k();
     let mut out = vec![0f32; rows * b.n()];
-    {
-        let (st, l) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) =
-            (&*st, l.contiguous_offsets())
-        else {
-            candle_core::bail!("bf16 products take f32 CPU tensors")
-        };
-        bf16::gemm(&v[s..e], b, &mut out);
+    with_f32(x, |v| bf16::gemm(v, b, &mut out))?;
+    if let Some((u, w)) = add {
+        let r = w.len() / b.n();
+        with_f32(u, |u| lowrank::add_product(&mut out, u, w, r, b.n()))?;
     }
     *dims.last_mut().unwrap() = b.n();
     Tensor::from_vec(out, dims, x.device())
@@ -478,7 +492,14 @@ pub fn loss_and_grads_merged(
         } else {
             None
         };
-        let (a, b) = (p.a.to_dtype(dt)?, p.b.to_dtype(dt)?);
+        let (a, bs) = (p.a.to_dtype(dt)?, (p.b.to_dtype(dt)? * lscale)?);
+        let host = match frozen {
+            Some(_) => Some((
+                bs.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+                a.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            _ => None,
+        };
         // With bf16 base products the adapters stay separate: folded into a bf16 weight,
         // their small updates would round away.
         let merged = match (opts.merge && drop.is_none() && frozen.is_none(), cached) {
@@ -488,7 +509,8 @@ pub fn loss_and_grads_merged(
         };
         Ok(Some(Adapter {
             a,
-            b,
+            bs,
+            host,
             scale: lscale,
             drop,
             merged,
@@ -592,7 +614,7 @@ pub fn loss_and_grads_merged(
         let lab = Tensor::from_slice(&batch.labels[start..start + c], (c, 1), dev)?;
         let xs = xf.index_select(&pos, 0)?;
         let logits = match frozen {
-            Some(f) => bf16_matmul(&xs, &f.lm.0)?,
+            Some(f) => bf16_matmul(&xs, &f.lm.0, None)?,
             None => xs.matmul(&lm.t()?)?,
         }
         .to_dtype(ce_dt)?;
@@ -606,7 +628,7 @@ pub fn loss_and_grads_merged(
             // d/dlogits of sum(CE) / denom: softmax minus one-hot.
             let dl = kernels::cross_entropy_grad(&logits, &lse, &lab, opts.denom)?.to_dtype(dt)?;
             dsel.push(match frozen {
-                Some(f) => bf16_matmul(&dl, &f.lm.1)?,
+                Some(f) => bf16_matmul(&dl, &f.lm.1, None)?,
                 None => dl.matmul(lm)?,
             });
         }
