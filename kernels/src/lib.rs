@@ -20,6 +20,7 @@
 pub mod attn;
 pub mod bf16;
 pub mod lowrank;
+pub mod vmath;
 
 use half::f16;
 use rayon::prelude::*;
@@ -233,6 +234,17 @@ pub fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]]) {
 /// the scalar paths.
 pub(crate) fn simd_allowed() -> bool {
     std::env::var_os("EMLAB_SCALAR_KERNELS").is_none()
+}
+
+/// `a·b + c`: fused (one rounding) where the caller runs with FMA enabled, else plain (a
+/// libm `fmaf` call per element would be far slower than either).
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        c + a * b
+    }
 }
 
 /// An output pointer shared by parallel tasks that write disjoint elements.

@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use crate::madd;
+
 /// Rows per register tile.
 const TR: usize = 4;
 /// Rows per parallel task.
@@ -51,7 +53,7 @@ fn run(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
+pub(crate) fn avx512() -> bool {
     use std::sync::OnceLock;
     static A: OnceLock<bool> = OnceLock::new();
     *A.get_or_init(|| {
@@ -62,7 +64,7 @@ fn avx512() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub(crate) fn avx2() -> bool {
     use std::sync::OnceLock;
     static A: OnceLock<bool> = OnceLock::new();
     *A.get_or_init(|| {
@@ -80,15 +82,6 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
         super::body::<32, true>(c, u, w, r, n)
-    }
-}
-
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        c + a * b
     }
 }
 

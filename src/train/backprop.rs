@@ -711,9 +711,9 @@ pub fn loss_and_grads_merged(
             .reshape((bsz, nkv, rep * t, hd))?;
         let dv = tp.probs.t()?.matmul(&dout)?;
         let dp = dout.matmul(&tp.vr.t()?)?;
-        let ds = kernels::softmax_backward(&tp.probs, &dp)?;
-        let dq = (ds.matmul(&tp.kr)? * scale)?.reshape((bsz, nh, t, hd))?;
-        let dk = (ds.t()?.matmul(&tp.qf)? * scale)?;
+        let ds = kernels::softmax_backward(&tp.probs, &dp, scale)?;
+        let dq = ds.matmul(&tp.kr)?.reshape((bsz, nh, t, hd))?;
+        let dk = ds.t()?.matmul(&tp.qf)?;
         let dq = rope(&dq.contiguous()?, &cos, &nsin, cfg.rope)?;
         let dk = rope(&dk.contiguous()?, &cos, &nsin, cfg.rope)?;
         let dq = dq.transpose(1, 2)?.reshape((n, nh * hd))?;

@@ -27,7 +27,8 @@ fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
 
 /// Float arithmetic the kernels need, for f32 and f64.
 trait F: Copy + Send + Sync + PartialOrd + std::fmt::Debug + 'static {
-    fn exp(self) -> Self;
+    /// `x[i] = exp(x[i])` (SIMD for f32).
+    fn exp_slice(x: &mut [Self]);
     fn of(x: f64) -> Self;
     fn to64(self) -> f64;
     fn zero() -> Self;
@@ -38,10 +39,10 @@ trait F: Copy + Send + Sync + PartialOrd + std::fmt::Debug + 'static {
 }
 
 macro_rules! float {
-    ($t:ty) => {
+    ($t:ty, $exp:expr) => {
         impl F for $t {
-            fn exp(self) -> Self {
-                <$t>::exp(self)
+            fn exp_slice(x: &mut [Self]) {
+                $exp(x)
             }
             fn of(x: f64) -> Self {
                 x as $t
@@ -67,11 +68,28 @@ macro_rules! float {
         }
     };
 }
-float!(f32);
-float!(f64);
+float!(f32, emlab_kernels::vmath::exp_inplace);
+float!(f64, |x: &mut [f64]| x.iter_mut().for_each(|v| *v = v.exp()));
 
-fn sigmoid<T: F>(x: T) -> T {
-    T::of(1.0).div(T::of(1.0).add(T::zero().sub(x).exp()))
+/// Σ in f64 (long rows: f32 sums drift), four running sums.
+fn sum64<T: F>(x: &[T]) -> f64 {
+    let mut acc = [0f64; 4];
+    let mut c = x.chunks_exact(4);
+    for q in &mut c {
+        for (a, v) in acc.iter_mut().zip(q) {
+            *a += v.to64();
+        }
+    }
+    let tail: f64 = c.remainder().iter().map(|v| v.to64()).sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// `o[i] = exp(-g[i])` over a chunk: the sigmoid's denominator minus one.
+fn exp_neg<T: F>(o: &mut [T], g: &[T]) {
+    for (o, &g) in o.iter_mut().zip(g) {
+        *o = T::zero().sub(g);
+    }
+    T::exp_slice(o);
 }
 
 /// Dispatch a kernel body over the float storages of one operand list.
@@ -116,32 +134,20 @@ fn get<T: 'static>(s: &CpuStorage) -> Result<&[T]> {
         .ok_or_else(|| candle_core::Error::Msg("fused kernel: operands differ in dtype".into()))
 }
 
-/// Elementwise `f(a[i], b[i])`, in parallel chunks.
-fn map2<T: F>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
-    out.par_chunks_mut(4096)
-        .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
-        .for_each(|(o, (a, b))| {
-            for i in 0..o.len() {
-                o[i] = f(a[i], b[i]);
-            }
-        });
-    out
-}
-
-/// Elementwise `f(a[i], b[i], c[i])`, in parallel chunks.
-fn map3<T: F>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync) -> Vec<T> {
+/// `f(out, a, b, c)` over matching chunks of the output and three inputs, in parallel.
+fn chunks3<T: F>(
+    a: &[T],
+    b: &[T],
+    c: &[T],
+    f: impl Fn(&mut [T], &[T], &[T], &[T]) + Sync,
+) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(4096)
         .zip(
             a.par_chunks(4096)
                 .zip(b.par_chunks(4096).zip(c.par_chunks(4096))),
         )
-        .for_each(|(o, (a, (b, c)))| {
-            for i in 0..o.len() {
-                o[i] = f(a[i], b[i], c[i]);
-            }
-        });
+        .for_each(|(o, (a, (b, c)))| f(o, a, b, c));
     out
 }
 
@@ -161,7 +167,12 @@ impl CustomOp2 for SiluMul {
         on_float!(s1, |g: T| {
             let g = slice(g, l1)?;
             let u = slice(get::<T>(s2)?, l2)?;
-            let out = map2(g, u, |g, u| g.mul(sigmoid(g)).mul(u));
+            let out = chunks3(g, u, u, |o, g, u, _| {
+                exp_neg(o, g);
+                for i in 0..o.len() {
+                    o[i] = g[i].mul(u[i]).div(T::of(1.0).add(o[i]));
+                }
+            });
             Ok((T::wrap(out), l1.shape().clone()))
         })
     }
@@ -186,18 +197,23 @@ impl CustomOp3 for SiluDg {
             let g = slice(g, l1)?;
             let u = slice(get::<T>(s2)?, l2)?;
             let d = slice(get::<T>(s3)?, l3)?;
-            let out = map3(g, u, d, |g, u, d| {
-                let s = sigmoid(g);
-                let ds = s.mul(T::of(1.0).add(g.mul(T::of(1.0).sub(s))));
-                d.mul(u).mul(ds)
+            let out = chunks3(g, u, d, |o, g, u, d| {
+                exp_neg(o, g);
+                for i in 0..o.len() {
+                    let s = T::of(1.0).div(T::of(1.0).add(o[i]));
+                    let ds = s.mul(T::of(1.0).add(g[i].mul(T::of(1.0).sub(s))));
+                    o[i] = d[i].mul(u[i]).mul(ds);
+                }
             });
             Ok((T::wrap(out), l1.shape().clone()))
         })
     }
 }
 
-/// Softmax backward along the last dimension: `ds = p * (dp - sum(dp * p))`.
-struct SoftmaxBack;
+/// Softmax backward along the last dimension, times a scale: `ds = p * (dp - sum(dp * p)) * c`.
+struct SoftmaxBack {
+    scale: f64,
+}
 impl CustomOp2 for SoftmaxBack {
     fn name(&self) -> &'static str {
         "emlab-softmax-back"
@@ -210,7 +226,9 @@ impl CustomOp2 for SoftmaxBack {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dim = l1.dims().last().copied().unwrap_or(1).max(1);
+        let scale = self.scale;
         on_float!(s1, |p: T| {
+            let sc = T::of(scale);
             let p = slice(p, l1)?;
             let dp = slice(get::<T>(s2)?, l2)?;
             let mut out = vec![T::zero(); p.len()];
@@ -218,13 +236,12 @@ impl CustomOp2 for SoftmaxBack {
                 .zip(p.par_chunks(dim).zip(dp.par_chunks(dim)))
                 .for_each(|(o, (p, dp))| {
                     // Sums accumulate in f64: rows are long, and f32 sums drift.
-                    let mut acc = 0f64;
                     for i in 0..dim {
-                        acc += p[i].mul(dp[i]).to64();
+                        o[i] = p[i].mul(dp[i]);
                     }
-                    let dot = T::of(acc);
+                    let dot = T::of(sum64(o));
                     for i in 0..dim {
-                        o[i] = p[i].mul(dp[i].sub(dot));
+                        o[i] = p[i].mul(dp[i].sub(dot)).mul(sc);
                     }
                 });
             Ok((T::wrap(out), l1.shape().clone()))
@@ -262,12 +279,11 @@ impl CustomOp1 for CausalSoftmax {
                             m = v;
                         }
                     }
-                    let mut sum = 0f64;
                     for j in 0..=q {
-                        let e = row[j].mul(sc).sub(m).exp();
-                        o[j] = e;
-                        sum += e.to64();
+                        o[j] = row[j].mul(sc).sub(m);
                     }
+                    T::exp_slice(&mut o[..=q]);
+                    let sum = sum64(&o[..=q]);
                     let inv = T::of(1.0 / sum);
                     for v in &mut o[..=q] {
                         *v = v.mul(inv);
@@ -322,18 +338,17 @@ impl CustomOp1 for Lse {
             let mut out = vec![T::zero(); rows];
             out.par_iter_mut()
                 .zip(x.par_chunks(n))
-                .for_each(|(o, row)| {
+                .for_each_init(Vec::new, |buf, (o, row)| {
                     let mut m = row[0];
                     for &v in row {
                         if v > m {
                             m = v;
                         }
                     }
-                    let mut s = 0f64;
-                    for &v in row {
-                        s += v.sub(m).exp().to64();
-                    }
-                    *o = m.add(T::of(s.ln()));
+                    buf.clear();
+                    buf.extend(row.iter().map(|v| v.sub(m)));
+                    T::exp_slice(buf);
+                    *o = m.add(T::of(sum64(buf).ln()));
                 });
             Ok((T::wrap(out), Shape::from(rows)))
         })
@@ -374,7 +389,11 @@ impl CustomOp3 for CeGrad {
                 .enumerate()
                 .for_each(|(r, (o, row))| {
                     for i in 0..n {
-                        o[i] = row[i].sub(lse[r]).exp().mul(inv);
+                        o[i] = row[i].sub(lse[r]);
+                    }
+                    T::exp_slice(o);
+                    for v in o.iter_mut() {
+                        *v = v.mul(inv);
                     }
                     let y = labels[r] as usize;
                     if y < n {
@@ -412,15 +431,16 @@ pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dact: &Tensor) -> Result<(Tenso
     Ok((dg, du))
 }
 
-/// Softmax backward along the last dimension.
-pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+/// Softmax backward along the last dimension, times `scale` (attention's `1/√d`, folded in
+/// here rather than spent as a pass over the query and key gradients).
+pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
     if fused(&[p, dp]) {
         return p
             .contiguous()?
-            .apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBack);
+            .apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBack { scale });
     }
     let rowdot = (dp * p)?.sum_keepdim(D::Minus1)?;
-    dp.broadcast_sub(&rowdot)? * p
+    (dp.broadcast_sub(&rowdot)? * p)? * scale
 }
 
 /// Row log-sum-exp, `[rows, n] -> [rows, 1]`.
@@ -493,9 +513,9 @@ mod tests {
         assert!(close(&dg, &want_dg) < 1e-4);
 
         let p = candle_nn::ops::softmax_last_dim(&g).unwrap();
-        let ds = softmax_backward(&p, &d).unwrap();
+        let ds = softmax_backward(&p, &d, 0.25).unwrap();
         let rowdot = (&d * &p).unwrap().sum_keepdim(D::Minus1).unwrap();
-        let want = (d.broadcast_sub(&rowdot).unwrap() * &p).unwrap();
+        let want = ((d.broadcast_sub(&rowdot).unwrap() * &p).unwrap() * 0.25).unwrap();
         assert!(close(&ds, &want) < 1e-5);
 
         // Causal softmax: [1, 1, 2 * 5, 5] scores (two query heads over one key head).
