@@ -783,3 +783,27 @@ pub fn list_checkpoints(store: &Store) -> Result<Vec<CheckpointRow>, TrainError>
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    /// A resumed run writes back the loss curve it read from the last checkpoint's state, so
+    /// its checkpoint id equals an uninterrupted run's only if every f64 survives JSON text
+    /// bit for bit. serde_json's default parser does not promise that (3.3446194529533386
+    /// came back one ulp off, and the kill -9 test failed when a loss hit such a value); the
+    /// `float_roundtrip` feature does.
+    #[test]
+    fn loss_values_survive_json_bit_for_bit() {
+        for x in [
+            3.3446194529533386f64,
+            0.1 + 0.2,
+            1e-300,
+            2.7592403207506453,
+            4.946238160133362,
+        ] {
+            let s = serde_json::json!({ "loss_curve": [x] }).to_string();
+            let back: serde_json::Value = serde_json::from_str(&s).unwrap();
+            let y = back["loss_curve"][0].as_f64().unwrap();
+            assert_eq!(y.to_bits(), x.to_bits(), "{s} parsed as {y}");
+        }
+    }
+}
