@@ -18,6 +18,7 @@
 //! other CPUs.
 
 pub mod attn;
+pub mod attn_train;
 pub mod bf16;
 pub mod lowrank;
 pub mod vmath;

@@ -38,18 +38,69 @@ pub fn add_product(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
 }
 
 fn run(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
+    product(c, u, false, w, r, n, Mask::Full)
+}
+
+/// Which part of `c += u·w` matters, for causal attention products over `t × t` matrices
+/// whose row `i` is position `i`. The kernel computes at least that part (whole register
+/// tiles); whatever else it computes is exact for zero inputs and otherwise to be ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mask {
+    Full,
+    /// Columns `j <= i` (scores of the keys a query sees).
+    ColsUpTo,
+    /// Terms `k <= i` (`u` is zero after the diagonal: probabilities times values).
+    KUpTo,
+    /// Terms `k >= i` (`u` is a transposed causal matrix: zero before the diagonal).
+    KFrom,
+}
+
+/// `(k0, k1, n1)`: the terms and columns rows `i0..i1` need.
+#[inline(always)]
+fn bounds(mask: Mask, i0: usize, i1: usize, r: usize, n: usize) -> (usize, usize, usize) {
+    match mask {
+        Mask::Full => (0, r, n),
+        Mask::ColsUpTo => (0, r, i1.min(n)),
+        Mask::KUpTo => (0, i1.min(r), n),
+        Mask::KFrom => (i0.min(r), r, n),
+    }
+}
+
+/// `c[m×n] += u·w` on one thread: `u` is `[m, r]`, or `[r, m]` when `ut`; `w` is `[r, n]`.
+pub(crate) fn product(
+    c: &mut [f32],
+    u: &[f32],
+    ut: bool,
+    w: &[f32],
+    r: usize,
+    n: usize,
+    mask: Mask,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512() {
             // SAFETY: the CPU has AVX-512F and FMA (checked).
-            return unsafe { x86::avx512(c, u, w, r, n) };
+            return unsafe {
+                match ut {
+                    false => x86::avx512::<false>(c, u, w, r, n, mask),
+                    true => x86::avx512::<true>(c, u, w, r, n, mask),
+                }
+            };
         }
         if avx2() {
             // SAFETY: the CPU has AVX2 and FMA (checked).
-            return unsafe { x86::avx2(c, u, w, r, n) };
+            return unsafe {
+                match ut {
+                    false => x86::avx2::<false>(c, u, w, r, n, mask),
+                    true => x86::avx2::<true>(c, u, w, r, n, mask),
+                }
+            };
         }
     }
-    body::<16, false>(c, u, w, r, n)
+    match ut {
+        false => body::<16, false, false>(c, u, w, r, n, mask),
+        true => body::<16, false, true>(c, u, w, r, n, mask),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -74,41 +125,67 @@ pub(crate) fn avx2() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::Mask;
+
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn avx512(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
-        super::body::<64, true>(c, u, w, r, n)
+    pub(super) unsafe fn avx512<const UT: bool>(
+        c: &mut [f32],
+        u: &[f32],
+        w: &[f32],
+        r: usize,
+        n: usize,
+        mask: Mask,
+    ) {
+        super::body::<64, true, UT>(c, u, w, r, n, mask)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
-        super::body::<32, true>(c, u, w, r, n)
+    pub(super) unsafe fn avx2<const UT: bool>(
+        c: &mut [f32],
+        u: &[f32],
+        w: &[f32],
+        r: usize,
+        n: usize,
+        mask: Mask,
+    ) {
+        super::body::<32, true, UT>(c, u, w, r, n, mask)
     }
 }
 
 /// Register tiles of `TR × TC` outputs; column and row tails one element at a time, in the
 /// same `k` order.
 #[inline(always)]
-fn body<const TC: usize, const FMA: bool>(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
+fn body<const TC: usize, const FMA: bool, const UT: bool>(
+    c: &mut [f32],
+    u: &[f32],
+    w: &[f32],
+    r: usize,
+    n: usize,
+    mask: Mask,
+) {
     let rows = c.len() / n;
-    let one = |c: &mut [f32], i: usize, j: usize| {
+    let at = |i: usize, k: usize| if UT { u[k * rows + i] } else { u[i * r + k] };
+    let one = |c: &mut [f32], i: usize, j: usize, k0: usize, k1: usize| {
         let mut s = c[i * n + j];
-        for k in 0..r {
-            s = madd::<FMA>(u[i * r + k], w[k * n + j], s);
+        for k in k0..k1 {
+            s = madd::<FMA>(at(i, k), w[k * n + j], s);
         }
         c[i * n + j] = s;
     };
     let mut i = 0;
     while i + TR <= rows {
+        let (k0, k1, n1) = bounds(mask, i, i + TR, r, n);
+        // Whole tiles while any of their columns is needed (the rest is to be ignored).
         let mut j = 0;
-        while j + TC <= n {
+        while j < n1 && j + TC <= n {
             let mut acc = [[0f32; TC]; TR];
             for (ii, a) in acc.iter_mut().enumerate() {
                 a.copy_from_slice(&c[(i + ii) * n + j..][..TC]);
             }
-            for k in 0..r {
+            for k in k0..k1 {
                 let wk: &[f32; TC] = w[k * n + j..][..TC].try_into().unwrap();
                 for (ii, a) in acc.iter_mut().enumerate() {
-                    let x = u[(i + ii) * r + k];
+                    let x = at(i + ii, k);
                     for (o, &y) in a.iter_mut().zip(wk) {
                         *o = madd::<FMA>(x, y, *o);
                     }
@@ -120,15 +197,16 @@ fn body<const TC: usize, const FMA: bool>(c: &mut [f32], u: &[f32], w: &[f32], r
             j += TC;
         }
         for ii in i..i + TR {
-            for jj in j..n {
-                one(c, ii, jj);
+            for jj in j..n1 {
+                one(c, ii, jj, k0, k1);
             }
         }
         i += TR;
     }
     for ii in i..rows {
-        for jj in 0..n {
-            one(c, ii, jj);
+        let (k0, k1, n1) = bounds(mask, ii, ii + 1, r, n);
+        for jj in 0..n1 {
+            one(c, ii, jj, k0, k1);
         }
     }
 }
@@ -156,7 +234,7 @@ mod tests {
             add_product(&mut c, &u, &w, r, n);
             let mut scalar = c0.clone();
             for (cb, ub) in scalar.chunks_mut(n).zip(u.chunks(r)) {
-                body::<16, false>(cb, ub, &w, r, n);
+                body::<16, false, false>(cb, ub, &w, r, n, Mask::Full);
             }
             for i in 0..m {
                 for j in 0..n {

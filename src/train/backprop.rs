@@ -19,7 +19,7 @@ use super::kernels;
 use super::lora::LoraParams;
 use crate::model::llama::{Linear, Model, RopeLayout};
 use crate::rng::Rng;
-use emlab_kernels::{bf16, lowrank};
+use emlab_kernels::{attn_train, bf16, lowrank};
 
 pub type Result<T> = candle_core::Result<T>;
 
@@ -430,6 +430,78 @@ fn bf16_matmul(x: &Tensor, b: &bf16::PackedB, add: Option<(&Tensor, &[f32])>) ->
     Tensor::from_vec(out, dims, x.device())
 }
 
+/// Whether the kernel crate's f32 CPU kernels apply.
+fn host_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Causal attention from post-RoPE queries `[b, kv, rep·t, hd]` (the `rep` query heads of a
+/// key/value head stacked), keys and values `[b, kv, t, hd]`: the probabilities (same layout
+/// as the scores) and the output `[b, heads, t, hd]`. On f32 CPU tensors the kernel crate's
+/// causal products (half the FLOPs of a dense batched GEMM); elsewhere Candle ops.
+fn attn_forward(
+    qf: &Tensor,
+    kr: &Tensor,
+    vr: &Tensor,
+    s: attn_train::Shape,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, nh, t, hd) = (s.batch, s.heads, s.t, s.head_dim);
+    if host_f32(&[qf, kr, vr]) {
+        let (p, o) = with_f32(qf, |q| {
+            with_f32(kr, |k| {
+                with_f32(vr, |v| attn_train::forward(q, k, v, s, scale as f32))
+            })
+        })???;
+        let dev = qf.device();
+        return Ok((
+            Tensor::from_vec(p, (b, s.kv_heads, nh / s.kv_heads * t, t), dev)?,
+            Tensor::from_vec(o, (b, nh, t, hd), dev)?,
+        ));
+    }
+    let probs = kernels::causal_softmax(&qf.matmul(&kr.t()?)?, scale)?;
+    let out = probs.matmul(vr)?.reshape((b, nh, t, hd))?;
+    Ok((probs, out))
+}
+
+/// Gradients of [`attn_forward`] from `dout` (`[b, kv, rep·t, hd]`): `dq` `[b, heads, t, hd]`,
+/// `dk` and `dv` `[b, kv, t, hd]`, before the inverse RoPE.
+fn attn_backward(
+    tp: &LayerTape,
+    dout: &Tensor,
+    s: attn_train::Shape,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, t, hd) = (s.batch, s.heads, s.t, s.head_dim);
+    if host_f32(&[&tp.qf, &tp.kr, &tp.vr, &tp.probs, dout]) {
+        let (dq, dk, dv) = with_f32(&tp.qf, |q| {
+            with_f32(&tp.kr, |k| {
+                with_f32(&tp.vr, |v| {
+                    with_f32(&tp.probs, |p| {
+                        with_f32(dout, |d| {
+                            attn_train::backward(q, k, v, p, d, s, scale as f32)
+                        })
+                    })
+                })
+            })
+        })?????;
+        let dev = dout.device();
+        let kv = (b, s.kv_heads, t, hd);
+        return Ok((
+            Tensor::from_vec(dq, (b, nh, t, hd), dev)?,
+            Tensor::from_vec(dk, kv, dev)?,
+            Tensor::from_vec(dv, kv, dev)?,
+        ));
+    }
+    let dv = tp.probs.t()?.matmul(dout)?;
+    let dp = dout.matmul(&tp.vr.t()?)?;
+    let ds = kernels::softmax_backward(&tp.probs, &dp, scale)?;
+    let dq = ds.matmul(&tp.kr)?.reshape((b, nh, t, hd))?;
+    let dk = ds.t()?.matmul(&tp.qf)?;
+    Ok((dq, dk, dv))
+}
+
 /// The summed cross-entropy of a batch's targets and, with `opts.backward`, the gradients of
 /// `sum / opts.denom` for every adapter pair.
 pub fn loss_and_grads(
@@ -464,6 +536,13 @@ pub fn loss_and_grads_merged(
     let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
     let rep = nh / nkv;
     let scale = 1.0 / (hd as f64).sqrt();
+    let ashape = attn_train::Shape {
+        batch: bsz,
+        t,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+    };
     let (cos, sin) = model.rope_tables();
     let cos = cos.narrow(0, 0, t)?;
     let sin = sin.narrow(0, 0, t)?;
@@ -554,12 +633,8 @@ pub fn loss_and_grads_merged(
         let q = rope(&q, &cos, &sin, cfg.rope)?;
         let kr = rope(&k, &cos, &sin, cfg.rope)?;
         let qf = q.reshape((bsz, nkv, rep * t, hd))?;
-        let probs = kernels::causal_softmax(&qf.matmul(&kr.t()?)?, scale)?;
-        let attn = probs
-            .matmul(&vr)?
-            .reshape((bsz, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((n, nh * hd))?;
+        let (probs, attn) = attn_forward(&qf, &kr, &vr, ashape, scale)?;
+        let attn = attn.transpose(1, 2)?.reshape((n, nh * hd))?;
         let (o, to) = lin_forward(&layer.o, pk(3), ads[3].as_ref(), &attn, opts.backward)?;
         let xmid = (&x + o)?;
         let (h2, xn2, inv2) = rms_forward(&xmid, &layer.ffn_norm, cfg.rms_eps)?;
@@ -709,11 +784,7 @@ pub fn loss_and_grads_merged(
             .transpose(1, 2)?
             .contiguous()?
             .reshape((bsz, nkv, rep * t, hd))?;
-        let dv = tp.probs.t()?.matmul(&dout)?;
-        let dp = dout.matmul(&tp.vr.t()?)?;
-        let ds = kernels::softmax_backward(&tp.probs, &dp, scale)?;
-        let dq = ds.matmul(&tp.kr)?.reshape((bsz, nh, t, hd))?;
-        let dk = ds.t()?.matmul(&tp.qf)?;
+        let (dq, dk, dv) = attn_backward(&tp, &dout, ashape, scale)?;
         let dq = rope(&dq.contiguous()?, &cos, &nsin, cfg.rope)?;
         let dk = rope(&dk.contiguous()?, &cos, &nsin, cfg.rope)?;
         let dq = dq.transpose(1, 2)?.reshape((n, nh * hd))?;
