@@ -10,8 +10,6 @@ use rayon::prelude::*;
 
 use crate::madd;
 
-/// Rows per register tile.
-const TR: usize = 4;
 /// Rows per parallel task.
 const ROWS: usize = 32;
 
@@ -98,9 +96,15 @@ pub(crate) fn product(
         }
     }
     match ut {
-        false => body::<16, false, false>(c, u, w, r, n, mask),
-        true => body::<16, false, true>(c, u, w, r, n, mask),
+        false => scalar::<false>(c, u, w, r, n, mask),
+        true => scalar::<true>(c, u, w, r, n, mask),
     }
+}
+
+fn scalar<const UT: bool>(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize, mask: Mask) {
+    body::<4, 16, false, UT>(c, u, w, r, n, mask, |c, i, m, j, k0, k1| {
+        tile::<4, 16, false, UT>(c, u, w, r, n, i, m, j, k0, k1)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -126,7 +130,11 @@ pub(crate) fn avx2() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Mask;
+    use std::arch::x86_64::*;
 
+    /// 6 × 64 tiles in explicit registers: 24 accumulators, each `k` loads the four `w`
+    /// vectors once and broadcasts six `u` values (left to itself, the compiler reloads `w`
+    /// from memory for every row).
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn avx512<const UT: bool>(
         c: &mut [f32],
@@ -136,7 +144,71 @@ mod x86 {
         n: usize,
         mask: Mask,
     ) {
-        super::body::<64, true, UT>(c, u, w, r, n, mask)
+        let rows = c.len() / n;
+        super::body::<6, 64, true, UT>(c, u, w, r, n, mask, |c, i, m, j, k0, k1| {
+            assert!(i + m <= rows && j + 64 <= n && k1 <= r && u.len() == rows * r);
+            let (c, u, w) = (c.as_mut_ptr(), u.as_ptr(), w.as_ptr());
+            // SAFETY: the CPU has AVX-512F and FMA (this function's caller checked);
+            // rows i..i+m, columns j..j+64 of c and w, terms k0..k1 of u are in bounds.
+            unsafe {
+                match m {
+                    6 => tile512::<UT, 6>(c, u, w, rows, r, n, i, j, k0, k1),
+                    5 => tile512::<UT, 5>(c, u, w, rows, r, n, i, j, k0, k1),
+                    4 => tile512::<UT, 4>(c, u, w, rows, r, n, i, j, k0, k1),
+                    3 => tile512::<UT, 3>(c, u, w, rows, r, n, i, j, k0, k1),
+                    2 => tile512::<UT, 2>(c, u, w, rows, r, n, i, j, k0, k1),
+                    _ => tile512::<UT, 1>(c, u, w, rows, r, n, i, j, k0, k1),
+                }
+            }
+        })
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile512<const UT: bool, const R: usize>(
+        c: *mut f32,
+        u: *const f32,
+        w: *const f32,
+        rows: usize,
+        r: usize,
+        n: usize,
+        i: usize,
+        j: usize,
+        k0: usize,
+        k1: usize,
+    ) {
+        let cp = c.add(i * n + j);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for (ii, a) in acc.iter_mut().enumerate() {
+            for (q, v) in a.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(cp.add(ii * n + q * 16));
+            }
+        }
+        for k in k0..k1 {
+            let wp = w.add(k * n + j);
+            let wv = [
+                _mm512_loadu_ps(wp),
+                _mm512_loadu_ps(wp.add(16)),
+                _mm512_loadu_ps(wp.add(32)),
+                _mm512_loadu_ps(wp.add(48)),
+            ];
+            for (ii, a) in acc.iter_mut().enumerate() {
+                let x = if UT {
+                    *u.add(k * rows + i + ii)
+                } else {
+                    *u.add((i + ii) * r + k)
+                };
+                let x = _mm512_set1_ps(x);
+                for (v, &y) in a.iter_mut().zip(&wv) {
+                    *v = _mm512_fmadd_ps(x, y, *v);
+                }
+            }
+        }
+        for (ii, a) in acc.iter().enumerate() {
+            for (q, v) in a.iter().enumerate() {
+                _mm512_storeu_ps(cp.add(ii * n + q * 16), *v);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -148,20 +220,63 @@ mod x86 {
         n: usize,
         mask: Mask,
     ) {
-        super::body::<32, true, UT>(c, u, w, r, n, mask)
+        super::body::<4, 32, true, UT>(c, u, w, r, n, mask, |c, i, m, j, k0, k1| {
+            super::tile::<4, 32, true, UT>(c, u, w, r, n, i, m, j, k0, k1)
+        })
     }
 }
 
-/// Register tiles of `TR × TC` outputs; column and row tails one element at a time, in the
-/// same `k` order.
+/// One register tile of `m <= TR` rows at rows `i..`, `TC` columns at `j..`, over terms
+/// `k0..k1`, as arrays the compiler keeps in registers.
 #[inline(always)]
-fn body<const TC: usize, const FMA: bool, const UT: bool>(
+#[allow(clippy::too_many_arguments)]
+fn tile<const TR: usize, const TC: usize, const FMA: bool, const UT: bool>(
+    c: &mut [f32],
+    u: &[f32],
+    w: &[f32],
+    r: usize,
+    n: usize,
+    i: usize,
+    m: usize,
+    j: usize,
+    k0: usize,
+    k1: usize,
+) {
+    let rows = c.len() / n;
+    let mut acc = [[0f32; TC]; TR];
+    let acc = &mut acc[..m];
+    for (ii, a) in acc.iter_mut().enumerate() {
+        a.copy_from_slice(&c[(i + ii) * n + j..][..TC]);
+    }
+    for k in k0..k1 {
+        let wk: &[f32; TC] = w[k * n + j..][..TC].try_into().unwrap();
+        for (ii, a) in acc.iter_mut().enumerate() {
+            let x = if UT {
+                u[k * rows + i + ii]
+            } else {
+                u[(i + ii) * r + k]
+            };
+            for (o, &y) in a.iter_mut().zip(wk) {
+                *o = madd::<FMA>(x, y, *o);
+            }
+        }
+    }
+    for (ii, a) in acc.iter().enumerate() {
+        c[(i + ii) * n + j..][..TC].copy_from_slice(a);
+    }
+}
+
+/// Tiles of up to `TR` rows by `TC` columns through `tile(c, i, rows, j, k0, k1)`; column
+/// tails one element at a time, in the same `k` order.
+#[inline(always)]
+fn body<const TR: usize, const TC: usize, const FMA: bool, const UT: bool>(
     c: &mut [f32],
     u: &[f32],
     w: &[f32],
     r: usize,
     n: usize,
     mask: Mask,
+    tile: impl Fn(&mut [f32], usize, usize, usize, usize, usize),
 ) {
     let rows = c.len() / n;
     let at = |i: usize, k: usize| if UT { u[k * rows + i] } else { u[i * r + k] };
@@ -173,41 +288,21 @@ fn body<const TC: usize, const FMA: bool, const UT: bool>(
         c[i * n + j] = s;
     };
     let mut i = 0;
-    while i + TR <= rows {
-        let (k0, k1, n1) = bounds(mask, i, i + TR, r, n);
+    while i < rows {
+        let m = TR.min(rows - i);
+        let (k0, k1, n1) = bounds(mask, i, i + m, r, n);
         // Whole tiles while any of their columns is needed (the rest is to be ignored).
         let mut j = 0;
         while j < n1 && j + TC <= n {
-            let mut acc = [[0f32; TC]; TR];
-            for (ii, a) in acc.iter_mut().enumerate() {
-                a.copy_from_slice(&c[(i + ii) * n + j..][..TC]);
-            }
-            for k in k0..k1 {
-                let wk: &[f32; TC] = w[k * n + j..][..TC].try_into().unwrap();
-                for (ii, a) in acc.iter_mut().enumerate() {
-                    let x = at(i + ii, k);
-                    for (o, &y) in a.iter_mut().zip(wk) {
-                        *o = madd::<FMA>(x, y, *o);
-                    }
-                }
-            }
-            for (ii, a) in acc.iter().enumerate() {
-                c[(i + ii) * n + j..][..TC].copy_from_slice(a);
-            }
+            tile(c, i, m, j, k0, k1);
             j += TC;
         }
-        for ii in i..i + TR {
+        for ii in i..i + m {
             for jj in j..n1 {
                 one(c, ii, jj, k0, k1);
             }
         }
-        i += TR;
-    }
-    for ii in i..rows {
-        let (k0, k1, n1) = bounds(mask, ii, ii + 1, r, n);
-        for jj in 0..n1 {
-            one(c, ii, jj, k0, k1);
-        }
+        i += m;
     }
 }
 
@@ -234,7 +329,7 @@ mod tests {
             add_product(&mut c, &u, &w, r, n);
             let mut scalar = c0.clone();
             for (cb, ub) in scalar.chunks_mut(n).zip(u.chunks(r)) {
-                body::<16, false, false>(cb, ub, &w, r, n, Mask::Full);
+                super::scalar::<false>(cb, ub, &w, r, n, Mask::Full);
             }
             for i in 0..m {
                 for j in 0..n {
