@@ -9,6 +9,11 @@
 //! pairs only. The fused kernels stay in the forward (they are fast); their backward is
 //! written below: RMSNorm, RoPE (the inverse rotation), softmax, SiLU, cross-entropy.
 //!
+//! On the CPU in f32, attention runs on the kernel crate's causal products (forward and
+//! backward skip the half above the diagonal), and with `--bf16-base` the frozen products run
+//! in bf16 with each adapter's share added into their output buffers; Candle ops serve CUDA
+//! and f64 (the finite-difference checks).
+//!
 //! Batches are right-padded rows starting at position 0. A padded position only sees keys at
 //! or before itself, so real positions never see padding, and padding positions carry no loss,
 //! so no gradient flows from them.
@@ -410,7 +415,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) =
         (&*st, l.contiguous_offsets())
     else {
-        candle_core::bail!("bf16 products take f32 CPU tensors")
+        candle_core::bail!("the CPU kernels take f32 CPU tensors")
     };
     Ok(f(&v[s..e]))
 }
