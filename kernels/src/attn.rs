@@ -101,7 +101,7 @@ pub fn attention(
     assert_eq!(v.len(), k.len(), "attention: v cache shape");
     assert!(start + t <= cap && pad.len() == batch && heads % kv_heads == 0);
     let rep = heads / kv_heads;
-    let avx2 = has_avx2();
+    let avx2 = crate::has_avx2_fma();
     // One task per (row, query token): its heads' outputs are contiguous in `out`.
     let work = |(n, o): (usize, &mut [f32])| {
         let (b, i) = (n / t, n % t);
@@ -134,21 +134,6 @@ pub fn attention(
     } else {
         out.par_chunks_mut(heads * hd).enumerate().for_each(work);
     }
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static A: OnceLock<bool> = OnceLock::new();
-        *A.get_or_init(|| {
-            crate::simd_allowed()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 #[cfg(target_arch = "x86_64")]

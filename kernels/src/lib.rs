@@ -237,6 +237,35 @@ pub(crate) fn simd_allowed() -> bool {
     std::env::var_os("EMLAB_SCALAR_KERNELS").is_none()
 }
 
+/// AVX2 and FMA, and SIMD allowed: the f32 kernels' 256-bit path (attention, low-rank
+/// products, `exp`).
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static A: OnceLock<bool> = OnceLock::new();
+        *A.get_or_init(|| {
+            simd_allowed() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// AVX-512F and FMA, and SIMD allowed: the f32 kernels' 512-bit path.
+pub(crate) fn has_avx512f_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static A: OnceLock<bool> = OnceLock::new();
+        *A.get_or_init(|| {
+            simd_allowed() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `a·b + c`: fused (one rounding) where the caller runs with FMA enabled, else plain (a
 /// libm `fmaf` call per element would be far slower than either).
 #[inline(always)]

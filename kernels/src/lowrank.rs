@@ -76,7 +76,7 @@ pub(crate) fn product(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if avx512() {
+        if crate::has_avx512f_fma() {
             // SAFETY: the CPU has AVX-512F and FMA (checked).
             return unsafe {
                 match ut {
@@ -85,7 +85,7 @@ pub(crate) fn product(
                 }
             };
         }
-        if avx2() {
+        if crate::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (checked).
             return unsafe {
                 match ut {
@@ -104,26 +104,6 @@ pub(crate) fn product(
 fn scalar<const UT: bool>(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize, mask: Mask) {
     body::<4, 16, false, UT>(c, u, w, r, n, mask, |c, i, m, j, k0, k1| {
         tile::<4, 16, false, UT>(c, u, w, r, n, i, m, j, k0, k1)
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn avx512() -> bool {
-    use std::sync::OnceLock;
-    static A: OnceLock<bool> = OnceLock::new();
-    *A.get_or_init(|| {
-        crate::simd_allowed()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("fma")
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn avx2() -> bool {
-    use std::sync::OnceLock;
-    static A: OnceLock<bool> = OnceLock::new();
-    *A.get_or_init(|| {
-        crate::simd_allowed() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     })
 }
 

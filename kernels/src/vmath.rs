@@ -11,11 +11,11 @@
 pub fn exp_inplace(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::lowrank::avx512() {
+        if crate::has_avx512f_fma() {
             // SAFETY: the CPU has AVX-512F and FMA (checked).
             return unsafe { x86::avx512(x) };
         }
-        if crate::lowrank::avx2() {
+        if crate::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (checked).
             return unsafe { x86::avx2(x) };
         }
