@@ -408,16 +408,24 @@ impl FrozenBf16 {
     }
 }
 
-/// Run `f` on the elements of an f32 CPU tensor (copied only when not contiguous).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) =
-        (&*st, l.contiguous_offsets())
-    else {
-        candle_core::bail!("the CPU kernels take f32 CPU tensors")
-    };
-    Ok(f(&v[s..e]))
+/// Run `f` on the elements of f32 CPU tensors, in order (each copied only when not
+/// contiguous).
+fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = ts
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (st, l) in &guards {
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((s, e))) =
+            (&**st, l.contiguous_offsets())
+        else {
+            candle_core::bail!("the CPU kernels take f32 CPU tensors")
+        };
+        slices.push(&v[s..e]);
+    }
+    Ok(f(&slices))
 }
 
 /// `x · B` for a packed `B`, `x` f32 `[..., k]` on the CPU, plus `u · w` (`u` `[rows, r]`,
@@ -426,10 +434,10 @@ fn bf16_matmul(x: &Tensor, b: &bf16::PackedB, add: Option<(&Tensor, &[f32])>) ->
     let mut dims = x.dims().to_vec();
     let rows = x.elem_count() / b.k();
     let mut out = vec![0f32; rows * b.n()];
-    with_f32(x, |v| bf16::gemm(v, b, &mut out))?;
+    with_f32(&[x], |v| bf16::gemm(v[0], b, &mut out))?;
     if let Some((u, w)) = add {
         let r = w.len() / b.n();
-        with_f32(u, |u| lowrank::add_product(&mut out, u, w, r, b.n()))?;
+        with_f32(&[u], |u| lowrank::add_product(&mut out, u[0], w, r, b.n()))?;
     }
     *dims.last_mut().unwrap() = b.n();
     Tensor::from_vec(out, dims, x.device())
@@ -454,11 +462,9 @@ fn attn_forward(
 ) -> Result<(Tensor, Tensor)> {
     let (b, nh, t, hd) = (s.batch, s.heads, s.t, s.head_dim);
     if host_f32(&[qf, kr, vr]) {
-        let (p, o) = with_f32(qf, |q| {
-            with_f32(kr, |k| {
-                with_f32(vr, |v| attn_train::forward(q, k, v, s, scale as f32))
-            })
-        })???;
+        let (p, o) = with_f32(&[qf, kr, vr], |x| {
+            attn_train::forward(x[0], x[1], x[2], s, scale as f32)
+        })?;
         let dev = qf.device();
         return Ok((
             Tensor::from_vec(p, (b, s.kv_heads, nh / s.kv_heads * t, t), dev)?,
@@ -480,17 +486,9 @@ fn attn_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, nh, t, hd) = (s.batch, s.heads, s.t, s.head_dim);
     if host_f32(&[&tp.qf, &tp.kr, &tp.vr, &tp.probs, dout]) {
-        let (dq, dk, dv) = with_f32(&tp.qf, |q| {
-            with_f32(&tp.kr, |k| {
-                with_f32(&tp.vr, |v| {
-                    with_f32(&tp.probs, |p| {
-                        with_f32(dout, |d| {
-                            attn_train::backward(q, k, v, p, d, s, scale as f32)
-                        })
-                    })
-                })
-            })
-        })?????;
+        let (dq, dk, dv) = with_f32(&[&tp.qf, &tp.kr, &tp.vr, &tp.probs, dout], |x| {
+            attn_train::backward(x[0], x[1], x[2], x[3], x[4], s, scale as f32)
+        })?;
         let dev = dout.device();
         let kv = (b, s.kv_heads, t, hd);
         return Ok((
