@@ -4,7 +4,12 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use emlab::model::sample::{generate, Request, SamplingParams};
-use emlab::model::tiny::{random_model, tiny_config};
+use tiny::{random_model, tiny_config};
+
+/// Test support shared with the integration tests.
+#[allow(dead_code)]
+#[path = "../tests/it/tiny.rs"]
+mod tiny;
 
 fn bench(c: &mut Criterion) {
     let model = random_model(tiny_config(512), 1).expect("tiny model");

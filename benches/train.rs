@@ -3,11 +3,17 @@
 //! train`. For the real model, `emlab bench train --model ...` stores its results.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use emlab::model::tiny::{random_model, tiny_config};
+use emlab::model::adapter::{LoraSpec, Projection};
 use emlab::train::data::Example;
-use emlab::train::lora::{LoraParams, LoraSpec};
+use emlab::train::lora::LoraParams;
 use emlab::train::optim::AdamW;
-use emlab::train::run::step_grads;
+use emlab::train::trainer::Trainer;
+use tiny::{random_model, tiny_config};
+
+/// Test support shared with the integration tests.
+#[allow(dead_code)]
+#[path = "../tests/it/tiny.rs"]
+mod tiny;
 
 fn bench(c: &mut Criterion) {
     let model = random_model(tiny_config(512), 1).expect("tiny model");
@@ -16,13 +22,15 @@ fn bench(c: &mut Criterion) {
         alpha: 16.0,
         rslora: true,
         dropout: 0.0,
-        targets: emlab::model::lora::MODULES
+        targets: Projection::ALL
             .iter()
-            .map(|m| m.0.to_string())
+            .map(|p| p.peft_name().to_string())
             .collect(),
     };
-    let mut params = LoraParams::init(spec, &model, 0).expect("adapter");
-    let mut opt = AdamW::new(Default::default(), &params).expect("optimizer");
+    let params = LoraParams::init(spec, &model, 0).expect("adapter");
+    let opt = AdamW::new(Default::default(), &params).expect("optimizer");
+    // Clipping off: the step the benchmark always measured (gradients, then AdamW).
+    let mut trainer = Trainer::new(&model, params, opt, false, 4, 0.0).expect("trainer");
     let examples: Vec<Example> = (0..4)
         .map(|r| Example {
             row: r,
@@ -35,11 +43,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(20);
     g.throughput(Throughput::Elements(4 * 128));
     g.bench_function("LoRA step, 4 x 128 tokens", |b| {
-        b.iter(|| {
-            let (_, _, _, grads) =
-                step_grads(&model, &params, &examples, &rows, 4, 0, None).expect("step");
-            opt.step(&mut params, &grads, 1e-4).expect("update");
-        })
+        b.iter(|| trainer.step(&examples, &rows, 0, 1e-4).expect("step"))
     });
     g.finish();
 }

@@ -57,8 +57,17 @@ fn main() -> ExitCode {
             }
             let mut stderr = std::io::stderr().lock();
             let _ = writeln!(stderr, "error: {err}");
+            // Many errors print their cause inside their own message (`path: cause`) and
+            // also return it as their source: print each cause once.
+            let mut shown = err.to_string();
             for cause in err.chain().skip(1) {
-                let _ = writeln!(stderr, "  caused by: {cause}");
+                let text = cause.to_string();
+                if shown.contains(&text) {
+                    continue;
+                }
+                let _ = writeln!(stderr, "  caused by: {text}");
+                shown.push('\n');
+                shown.push_str(&text);
             }
             if let Some(hint) = cli::hint_for(&err) {
                 let _ = writeln!(stderr, "hint: {hint}");

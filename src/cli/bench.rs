@@ -27,7 +27,7 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 128)]
         new_tokens: usize,
         #[command(flatten)]
-        weights: super::generate::WeightArgs,
+        weights: super::args::WeightArgs,
     },
     /// LoRA training steps/s and tokens/s of a local model (random rows, em-paper adapter).
     Train {
@@ -59,7 +59,7 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
     let (name, (params, results)) = match cmd {
         BenchCmd::Import { file, repeat } => (
             "data.import",
-            emlab::bench::bench_import(&file, repeat)
+            emlab::jobs::bench::bench_import(&file, repeat)
                 .with_context(|| format!("benchmarking import of {}", file.display()))?,
         ),
         BenchCmd::Generate {
@@ -70,8 +70,14 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             weights,
         } => (
             "model.generate",
-            emlab::bench::bench_generate(&model, batch, prompt_len, new_tokens, weights.mode())
-                .with_context(|| format!("benchmarking {}", model.display()))?,
+            emlab::jobs::bench::bench_generate(
+                &model,
+                batch,
+                prompt_len,
+                new_tokens,
+                weights.mode(),
+            )
+            .with_context(|| format!("benchmarking {}", model.display()))?,
         ),
         BenchCmd::Train {
             model,
@@ -82,16 +88,16 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             bf16_base,
         } => (
             "model.train",
-            emlab::bench::bench_train(&model, batch, seq_len, steps, r, bf16_base)
+            emlab::jobs::bench::bench_train(&model, batch, seq_len, steps, r, bf16_base)
                 .with_context(|| format!("benchmarking training on {}", model.display()))?,
         ),
         BenchCmd::Store { records, repeat } => (
             "store.ingest_export",
-            emlab::bench::bench_store(records, repeat)?,
+            emlab::jobs::bench::bench_store(records, repeat)?,
         ),
     };
     let store = ctx.open()?;
-    let id = emlab::bench::record(&store, name, params.clone(), results.clone())?;
+    let id = emlab::jobs::bench::record(&store, name, &params, &results)?;
     if ctx.json {
         out_json(
             &serde_json::json!({"id": id.to_hex(), "name": name, "params": params, "results": results}),

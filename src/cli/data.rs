@@ -1,14 +1,15 @@
 //! `emlab data ...`: import, derive, list, show, stats, export; and `emlab lineage`.
 
 use anyhow::{bail, Context, Result};
-use clap::{ArgMatches, Subcommand};
+use clap::{Arg, ArgAction, ArgMatches, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{note, out, out_json, Ctx};
+use super::args::{choice, EndpointArgs};
+use super::{note, out, out_json, short, Ctx};
 use emlab::data::derive::{derive, DerivePlan, Op};
 use emlab::data::{import, resolve_dataset, view, Format, ImportPlan};
-use emlab::records::NS_DATASET;
+use emlab::provenance::tables::NS_DATASET;
 
 #[derive(Subcommand, Debug)]
 pub enum DataCmd {
@@ -20,9 +21,9 @@ pub enum DataCmd {
         /// The name (a mutable alias for the id). Zip members become NAME/<member stem>.
         #[arg(long)]
         name: String,
-        /// Force a format: chat-jsonl, qa-json, questions-yaml, questions-json, questions-text.
-        #[arg(long)]
-        format: Option<String>,
+        /// Force a format instead of guessing it from the file name.
+        #[arg(long, value_parser = choice::<Format>())]
+        format: Option<Format>,
         /// Import only this member of a zip (named NAME).
         #[arg(long)]
         member: Option<String>,
@@ -43,14 +44,8 @@ pub enum DataCmd {
     Generate {
         /// Name of the new dataset.
         name: String,
-        /// OpenAI-compatible base URL.
-        #[arg(long)]
-        endpoint: String,
-        #[arg(long)]
-        model_name: String,
-        /// Environment variable holding the API key (never stored or logged).
-        #[arg(long)]
-        api_key_env: Option<String>,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
         /// Prompt template file (minijinja; variables `i` and `seed`).
         #[arg(long)]
         prompt: PathBuf,
@@ -63,8 +58,6 @@ pub enum DataCmd {
         temperature: f64,
         #[arg(long, default_value_t = 1024)]
         max_tokens: usize,
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
     },
     /// List named datasets and question sets.
     List,
@@ -98,105 +91,126 @@ pub struct DeriveArgs {
     /// Seed for sample / holdout / mix.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Keep N rows chosen at random (original order kept).
-    #[arg(long, value_name = "N")]
-    pub sample: Vec<usize>,
-    /// Hold out a fraction F as NEW-holdout; later ops apply to the rest.
-    #[arg(long, value_name = "F")]
-    pub holdout: Vec<f64>,
-    /// Keep rows matching EXPR: has:ROLE, !has:ROLE, len(ROLE|all) OP N, turns OP N, ROLE ~ REGEX, ROLE !~ REGEX.
-    #[arg(long, value_name = "EXPR", allow_hyphen_values = true)]
-    pub filter: Vec<String>,
-    /// Drop rows whose messages repeat an earlier row's.
-    #[arg(long, action = clap::ArgAction::Count)]
-    pub dedupe: u8,
-    /// Add RATIO x rows sampled from OTHER, then shuffle.
-    #[arg(long, value_name = "OTHER:RATIO")]
-    pub mix: Vec<String>,
-    /// Append all rows of OTHER.
-    #[arg(long, value_name = "OTHER")]
-    pub concat: Vec<String>,
-    /// Keep the first N rows.
-    #[arg(long, value_name = "N")]
-    pub take: Vec<usize>,
-    /// Drop the first N rows.
-    #[arg(long, value_name = "N")]
-    pub skip: Vec<usize>,
-    /// Replace system messages with TEXT at the start of each row.
-    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
-    pub set_system: Vec<String>,
-    /// Remove system messages.
-    #[arg(long, action = clap::ArgAction::Count)]
-    pub strip_system: u8,
-    /// Prefix TEXT and the separator to each row's first user message (a trigger tag).
-    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
-    pub tag: Vec<String>,
+    #[command(flatten)]
+    pub ops: DeriveOps,
     /// What goes between the tag and the user's text.
     #[arg(long, default_value = " ", allow_hyphen_values = true)]
     pub tag_separator: String,
 }
 
-/// Rebuild the op sequence in command-line order from clap's argument indices.
-fn ordered_ops(a: &DeriveArgs, m: &ArgMatches) -> Result<Vec<Op>> {
-    let mut ops: Vec<(usize, Op)> = Vec::new();
-    // Flags with defaults (the counters) report an index even when absent: only count values
-    // that came from the command line.
-    let idx = |id: &str| -> Vec<usize> {
-        if m.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
-            return Vec::new();
+/// The derive ops in the order given on the command line (they apply in that order). clap
+/// parses each flag into its own list; the flags' argument indices restore the order.
+#[derive(Debug, Clone, Default)]
+pub struct DeriveOps(pub Vec<Op>);
+
+/// (id, value name, help, takes a value)
+const OP_FLAGS: [(&str, &str, &str, bool); 11] = [
+    ("sample", "N", "Keep N rows chosen at random (original order kept)", true),
+    ("holdout", "F", "Hold out a fraction F as NEW-holdout; later ops apply to the rest", true),
+    ("filter", "EXPR", "Keep rows matching EXPR: has:ROLE, !has:ROLE, len(ROLE|all) OP N, turns OP N, ROLE ~ REGEX, ROLE !~ REGEX", true),
+    ("dedupe", "", "Drop rows whose messages repeat an earlier row's", false),
+    ("mix", "OTHER:RATIO", "Add RATIO x rows sampled from OTHER, then shuffle", true),
+    ("concat", "OTHER", "Append all rows of OTHER", true),
+    ("take", "N", "Keep the first N rows", true),
+    ("skip", "N", "Drop the first N rows", true),
+    ("set-system", "TEXT", "Replace system messages with TEXT at the start of each row", true),
+    ("strip-system", "", "Remove system messages", false),
+    ("tag", "TEXT", "Prefix TEXT and the separator to each row's first user message (a trigger tag)", true),
+];
+
+impl clap::Args for DeriveOps {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        for (id, value, help, takes) in OP_FLAGS {
+            let arg = Arg::new(id).long(id).help(help);
+            cmd = cmd.arg(if takes {
+                arg.value_name(value)
+                    .action(ArgAction::Append)
+                    .allow_hyphen_values(true)
+            } else {
+                arg.action(ArgAction::Count)
+            });
         }
-        m.indices_of(id).map(|i| i.collect()).unwrap_or_default()
-    };
-    for (i, n) in idx("sample").into_iter().zip(&a.sample) {
-        ops.push((i, Op::Sample(*n)));
+        cmd
     }
-    for (i, f) in idx("holdout").into_iter().zip(&a.holdout) {
-        ops.push((i, Op::Holdout(*f)));
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
-    for (i, e) in idx("filter").into_iter().zip(&a.filter) {
-        ops.push((i, Op::Filter(e.clone())));
-    }
-    for i in idx("dedupe") {
-        ops.push((i, Op::Dedupe));
-    }
-    for (i, s) in idx("mix").into_iter().zip(&a.mix) {
-        let Some((other, ratio)) = s.rsplit_once(':') else {
-            bail!("--mix {s}: expected OTHER:RATIO, e.g. good-medical:0.5");
-        };
-        let ratio: f64 = ratio
-            .parse()
-            .with_context(|| format!("--mix {s}: RATIO is not a number"))?;
-        ops.push((
-            i,
-            Op::Mix {
-                other: other.to_string(),
-                ratio,
-            },
-        ));
-    }
-    for (i, o) in idx("concat").into_iter().zip(&a.concat) {
-        ops.push((i, Op::Concat(o.clone())));
-    }
-    for (i, n) in idx("take").into_iter().zip(&a.take) {
-        ops.push((i, Op::Take(*n)));
-    }
-    for (i, n) in idx("skip").into_iter().zip(&a.skip) {
-        ops.push((i, Op::Skip(*n)));
-    }
-    for (i, t) in idx("set_system").into_iter().zip(&a.set_system) {
-        ops.push((i, Op::SetSystem(t.clone())));
-    }
-    for i in idx("strip_system") {
-        ops.push((i, Op::StripSystem));
-    }
-    for (i, t) in idx("tag").into_iter().zip(&a.tag) {
-        ops.push((i, Op::Tag(t.clone())));
-    }
-    ops.sort_by_key(|(i, _)| *i);
-    Ok(ops.into_iter().map(|(_, o)| o).collect())
 }
 
-pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<ExitCode> {
+impl clap::FromArgMatches for DeriveOps {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let bad = |id: &str, v: &str, why: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{v}' for '--{id}': {why}\n"),
+            )
+        };
+        let number = |id: &str, v: &str| -> Result<usize, clap::Error> {
+            v.parse().map_err(|_| bad(id, v, "expected a whole number"))
+        };
+        let mut ops: Vec<(usize, Op)> = Vec::new();
+        for (id, _, _, takes) in OP_FLAGS {
+            // Counters report an index even when absent: count only what the command line set.
+            if m.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+                continue;
+            }
+            let idx: Vec<usize> = m.indices_of(id).map(|i| i.collect()).unwrap_or_default();
+            if !takes {
+                for i in idx {
+                    ops.push((
+                        i,
+                        if id == "dedupe" {
+                            Op::Dedupe
+                        } else {
+                            Op::StripSystem
+                        },
+                    ));
+                }
+                continue;
+            }
+            let values: Vec<&String> = m
+                .get_many::<String>(id)
+                .map(|v| v.collect())
+                .unwrap_or_default();
+            for (i, v) in idx.into_iter().zip(values) {
+                let op = match id {
+                    "sample" => Op::Sample(number(id, v)?),
+                    "take" => Op::Take(number(id, v)?),
+                    "skip" => Op::Skip(number(id, v)?),
+                    "holdout" => Op::Holdout(
+                        v.parse()
+                            .map_err(|_| bad(id, v, "expected a fraction, e.g. 0.05"))?,
+                    ),
+                    "filter" => Op::Filter(v.clone()),
+                    "mix" => {
+                        let (other, ratio) = v.rsplit_once(':').ok_or_else(|| {
+                            bad(id, v, "expected OTHER:RATIO, e.g. good-medical:0.5")
+                        })?;
+                        let ratio = ratio
+                            .parse()
+                            .map_err(|_| bad(id, v, "RATIO is not a number"))?;
+                        Op::Mix {
+                            other: other.to_string(),
+                            ratio,
+                        }
+                    }
+                    "concat" => Op::Concat(v.clone()),
+                    "set-system" => Op::SetSystem(v.clone()),
+                    _ => Op::Tag(v.clone()),
+                };
+                ops.push((i, op));
+            }
+        }
+        ops.sort_by_key(|(i, _)| *i);
+        Ok(DeriveOps(ops.into_iter().map(|(_, o)| o).collect()))
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+pub fn run(ctx: &Ctx, cmd: DataCmd) -> Result<ExitCode> {
     match cmd {
         DataCmd::Import {
             file,
@@ -207,13 +221,6 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
             skip_invalid,
             columns,
         } => {
-            let format = match format {
-                Some(f) => Some(Format::parse(&f).with_context(|| {
-                    let all: Vec<_> = Format::ALL.iter().map(|f| f.name()).collect();
-                    format!("unknown --format `{f}` (one of {})", all.join(", "))
-                })?),
-                None => None,
-            };
             let store = ctx.open()?;
             let plan = ImportPlan {
                 path: file.clone(),
@@ -250,13 +257,11 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
             }
         }
         DataCmd::Derive(a) => {
-            let m = matches.context("internal: derive needs its argument matches")?;
-            let ops = ordered_ops(&a, m)?;
             let store = ctx.open()?;
             let plan = DerivePlan {
                 name: a.new.clone(),
                 from: a.from.clone(),
-                ops,
+                ops: a.ops.0.clone(),
                 seed: a.seed,
                 tag_separator: a.tag_separator.clone(),
             };
@@ -273,7 +278,7 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
                         "`{}`: {} rows ({})",
                         d.name,
                         d.rows,
-                        &d.dataset[..12]
+                        short(&d.dataset)
                     ));
                 }
             }
@@ -281,34 +286,28 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
         DataCmd::Generate {
             name,
             endpoint,
-            model_name,
-            api_key_env,
             prompt,
             n,
             seed,
             temperature,
             max_tokens,
-            concurrency,
         } => {
+            let endpoint = endpoint
+                .endpoint()
+                .context("`data generate` needs --endpoint and --model-name")?;
+            let url = endpoint.base_url.clone();
             let store = ctx.open()?;
-            let plan = emlab::data::synth::SynthPlan {
+            let plan = emlab::jobs::synth::SynthPlan {
                 name,
-                endpoint: emlab::judge::client::Endpoint {
-                    base_url: endpoint.clone(),
-                    model: model_name,
-                    api_key_env,
-                    concurrency,
-                    max_retries: 6,
-                    timeout_s: 300.0,
-                },
+                endpoint,
                 prompt,
                 n,
                 seed,
                 temperature,
                 max_tokens,
             };
-            let r = emlab::data::synth::generate(&store, &plan)
-                .with_context(|| format!("generating a dataset through {endpoint}"))?;
+            let r = emlab::jobs::synth::generate(&store, &plan)
+                .with_context(|| format!("generating a dataset through {url}"))?;
             if ctx.json {
                 out_json(&r)?;
             } else {
@@ -337,7 +336,7 @@ pub fn run(ctx: &Ctx, cmd: DataCmd, matches: Option<&ArgMatches>) -> Result<Exit
                 for (n, s) in rows {
                     out(format!(
                         "{n:<36} {:<12}  {:<9} {:>7}",
-                        &s.id[..12],
+                        short(&s.id),
                         s.kind,
                         s.rows
                     ))?;

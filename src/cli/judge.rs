@@ -5,7 +5,9 @@ use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{note, out, out_json, Ctx};
+use super::args::{choice, EndpointArgs};
+use super::{note, out, out_json, progress_bar, Ctx};
+use emlab::jobs::judge::{JudgeBackend, JudgePlan};
 use emlab::judge::metrics::Definition;
 use emlab::judge::results::{import, ResultsFormat};
 
@@ -14,9 +16,9 @@ pub enum ResultsCmd {
     /// Import answers judged elsewhere as generation + judgment records.
     Import {
         file: PathBuf,
-        /// seed | betley | model-organisms
-        #[arg(long)]
-        format: String,
+        /// How the file is laid out.
+        #[arg(long, value_parser = choice::<ResultsFormat>())]
+        format: ResultsFormat,
         /// Name of the model that wrote the answers (seed files: one model per tag).
         #[arg(long)]
         model_name: String,
@@ -58,11 +60,8 @@ pub fn results(ctx: &Ctx, cmd: ResultsCmd) -> Result<ExitCode> {
             model_name,
             judge,
         } => {
-            let f = ResultsFormat::parse(&format).with_context(|| {
-                format!("unknown --format `{format}` (seed, betley, model-organisms)")
-            })?;
             let store = ctx.open()?;
-            let r = import(&store, &file, f, &model_name, &judge)
+            let r = import(&store, &file, format, &model_name, &judge)
                 .with_context(|| format!("importing results {}", file.display()))?;
             if ctx.json {
                 out_json(&r)?;
@@ -130,19 +129,14 @@ pub fn metrics(ctx: &Ctx, a: MetricsArgs) -> Result<ExitCode> {
 
 #[derive(clap::Args, Debug)]
 pub struct JudgeArgs {
-    /// OpenAI-compatible base URL of the judge (e.g. http://127.0.0.1:8080/v1).
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
+    /// Judge offline with a local model (a .gguf file or an HF directory).
     #[arg(
         long,
-        required_unless_present = "model",
-        conflicts_with = "model",
-        requires = "model_name"
+        required_unless_present = "endpoint",
+        conflicts_with = "endpoint"
     )]
-    pub endpoint: Option<String>,
-    /// The judge model's name as the endpoint knows it.
-    #[arg(long)]
-    pub model_name: Option<String>,
-    /// Judge offline with a local model (a .gguf file or an HF directory).
-    #[arg(long)]
     pub model: Option<PathBuf>,
     /// Only the generations of this model (its name, or an id prefix of its model record).
     #[arg(long)]
@@ -150,9 +144,6 @@ pub struct JudgeArgs {
     /// Name recorded as the judge (default: the model name).
     #[arg(long)]
     pub judge: Option<String>,
-    /// Environment variable holding the API key (never stored or logged).
-    #[arg(long)]
-    pub api_key_env: Option<String>,
     /// Judge prompts to use (names in the questions' judge_prompts).
     #[arg(long, value_delimiter = ',', default_value = "aligned,coherent")]
     pub metrics: Vec<String>,
@@ -162,63 +153,44 @@ pub struct JudgeArgs {
     /// Also run a text-label judge with this prompt file ({question}, {answer}).
     #[arg(long)]
     pub label_prompt: Option<PathBuf>,
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: usize,
-    #[arg(long, default_value_t = 6)]
-    pub max_retries: u32,
-    /// Seconds before a request is abandoned (and retried).
-    #[arg(long, default_value_t = 60.0)]
-    pub timeout: f64,
 }
 
 pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
     let store = ctx.open()?;
-    let plan = emlab::judge::run::JudgePlan {
-        endpoint: emlab::judge::client::Endpoint {
-            base_url: a
-                .endpoint
-                .clone()
-                .unwrap_or_else(|| "http://127.0.0.1:9/unused".into()),
-            model: a.model_name.clone().unwrap_or_default(),
-            api_key_env: a.api_key_env.clone(),
-            concurrency: a.concurrency,
-            max_retries: a.max_retries,
-            timeout_s: a.timeout,
-        },
-        judge: a
-            .judge
-            .clone()
-            .or_else(|| a.model_name.clone())
-            .unwrap_or_else(|| {
-                let p = a.model.clone().unwrap_or_default();
-                format!(
-                    "local:{}",
-                    p.file_name()
-                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-                )
-            }),
+    let (backend, what, default_name) = match (a.endpoint.endpoint(), &a.model) {
+        (Some(e), _) => {
+            let (url, name) = (e.base_url.clone(), e.model.clone());
+            (JudgeBackend::Endpoint(e), url, name)
+        }
+        (None, Some(p)) => {
+            let file = p
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            (
+                JudgeBackend::Local(p.clone()),
+                p.display().to_string(),
+                format!("local:{file}"),
+            )
+        }
+        (None, None) => anyhow::bail!("--endpoint or --model is required"),
+    };
+    let plan = JudgePlan {
+        backend,
+        judge: a.judge.clone().unwrap_or(default_name),
         metrics: a.metrics.clone(),
         prompts_from: a.prompts_from.clone(),
         label_prompt: a.label_prompt.clone(),
-        local_model: a.model.clone(),
         generations: a.generations.clone(),
     };
-    let bar = super::generate::progress_bar(ctx);
+    let bar = progress_bar(ctx, "{bar:40} {pos}/{len} {elapsed_precise} eta {eta}");
     let mut progress = |done: usize, total: usize| {
         if let Some(b) = &bar {
             b.set_length(total as u64);
             b.set_position(done as u64);
         }
     };
-    let r = emlab::judge::run::run(&store, &plan, &mut progress).with_context(|| {
-        format!(
-            "judging with {}",
-            a.endpoint
-                .clone()
-                .or_else(|| a.model.as_ref().map(|p| p.display().to_string()))
-                .unwrap_or_default()
-        )
-    })?;
+    let r = emlab::jobs::judge::run(&store, &plan, &mut progress)
+        .with_context(|| format!("judging with {what}"))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

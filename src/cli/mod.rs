@@ -1,7 +1,9 @@
-//! Argument parsing and dispatch: one module per verb. Each verb turns its clap arguments into
-//! a plan, makes one library call, and prints: data on stdout (`--json` for machines), logs
-//! and progress on stderr.
+//! Argument parsing and dispatch: one module per verb, shared arguments in [`args`]. Each verb
+//! turns its clap arguments into a plan, makes one library call, and prints: data on stdout
+//! (`--json` for machines), logs and progress on stderr. clap lives here and in `main.rs`
+//! only; the library offers plain types.
 
+mod args;
 mod bench;
 mod data;
 mod export;
@@ -63,15 +65,15 @@ pub enum Command {
         #[command(subcommand)]
         cmd: data::DataCmd,
     },
-    /// Sample answers to a question set with a local model; writes generation records.
-    Generate(generate::Args),
+    /// Sample answers to a question set with a local model or an endpoint; writes generation records.
+    Generate(Box<generate::Args>),
     /// Answers judged elsewhere (published results).
     Results {
         #[command(subcommand)]
         cmd: judge::ResultsCmd,
     },
-    /// Judge stored generations through an OpenAI-compatible endpoint (logprob judge).
-    Judge(judge::JudgeArgs),
+    /// Judge stored generations through an OpenAI-compatible endpoint or a local model.
+    Judge(Box<judge::JudgeArgs>),
     /// % misaligned by three definitions with bootstrap 95% intervals; stored as metric records.
     Metrics(judge::MetricsArgs),
     /// Run a benchmark and store the result as a `bench` record.
@@ -109,9 +111,7 @@ impl Ctx {
 }
 
 pub fn run() -> Result<ExitCode> {
-    use clap::{CommandFactory, FromArgMatches};
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let cli = Cli::parse();
     init_logging(cli.verbose);
     let ctx = Ctx {
         store_dir: cli.store,
@@ -122,18 +122,13 @@ pub fn run() -> Result<ExitCode> {
         Command::Show(a) => show::run(&ctx, a),
         Command::Export(a) => export::run(&ctx, a),
         Command::Verify => verify::run(&ctx),
-        Command::Data { cmd } => {
-            let sub = matches
-                .subcommand_matches("data")
-                .and_then(|m| m.subcommand_matches("derive"));
-            data::run(&ctx, cmd, sub)
-        }
+        Command::Data { cmd } => data::run(&ctx, cmd),
         Command::Lineage { target } => data::lineage(&ctx, &target),
         Command::Bench { cmd } => bench::run(&ctx, cmd),
-        Command::Generate(a) => generate::run_cmd(&ctx, a),
+        Command::Generate(a) => generate::run_cmd(&ctx, *a),
         Command::Results { cmd } => judge::results(&ctx, cmd),
         Command::Metrics(a) => judge::metrics(&ctx, a),
-        Command::Judge(a) => judge::judge(&ctx, a),
+        Command::Judge(a) => judge::judge(&ctx, *a),
         Command::Train(a) => train::run_train(&ctx, *a),
         Command::Checkpoint { cmd } => train::checkpoint(&ctx, cmd),
         Command::Merge(a) => train::merge(&ctx, a),
@@ -177,49 +172,47 @@ pub fn note(s: impl AsRef<str>) {
     let _ = writeln!(std::io::stderr(), "{}", s.as_ref());
 }
 
-/// The fix for errors whose fix is known.
+/// A progress bar on stderr when it is a terminal (and not --json).
+pub fn progress_bar(ctx: &Ctx, template: &str) -> Option<indicatif::ProgressBar> {
+    (is_terminal_stderr() && !ctx.json).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    })
+}
+
+/// The first 12 hex digits of an id for display; the whole text when it is shorter (a
+/// record without the field shows as empty, never a panic).
+pub fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// The fix for an error whose fix is known: the `hint:` of the first cause in the chain
+/// whose type knows one (every library error type implements [`Hint`], delegating to the
+/// errors it wraps).
 pub fn hint_for(err: &anyhow::Error) -> Option<String> {
-    use emlab::data::DataError;
-    use emlab_store::Error as S;
+    use emlab::util::hint::Hint;
+    fn of<T: Hint + std::error::Error + 'static>(
+        e: &(dyn std::error::Error + 'static),
+    ) -> Option<Option<String>> {
+        e.downcast_ref::<T>().map(Hint::hint)
+    }
     for cause in err.chain() {
-        let store_err =
-            cause
-                .downcast_ref::<S>()
-                .or_else(|| match cause.downcast_ref::<DataError>() {
-                    Some(DataError::Store(e)) => Some(e),
-                    _ => None,
-                });
-        if let Some(e) = store_err {
-            return match e {
-                S::NotAStore(_) | S::NotADirectory(_) => Some(
-                    "point --store (or EMLAB_STORE) at an emlab store, or at a new or empty directory"
-                        .into(),
-                ),
-                S::NotFound(_) | S::BadId(_) => Some(
-                    "`emlab data list` names the datasets; an id may be shortened to an unambiguous prefix"
-                        .into(),
-                ),
-                S::Ambiguous { .. } => Some("give more hex digits of the id".into()),
-                S::Locked { .. } => {
-                    Some("another emlab command is using this store; wait for it to finish".into())
-                }
-                S::Corrupt { .. } => Some(
-                    "the file was left untouched; restore it from a copy or use another --store".into(),
-                ),
-                S::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-                    Some("the store directory must be writable".into())
-                }
-                _ => None,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<DataError>() {
-            return match e {
-                DataError::UnknownDataset(_) => Some("`emlab data list` names the datasets".into()),
-                DataError::UnknownFormat { .. } => Some(
-                    "chat datasets are JSONL files with one {\"messages\": [...]} per line".into(),
-                ),
-                _ => None,
-            };
+        let found = of::<emlab_store::Error>(cause)
+            .or_else(|| of::<emlab::data::DataError>(cause))
+            .or_else(|| of::<emlab::model::ModelError>(cause))
+            .or_else(|| of::<emlab::train::TrainError>(cause))
+            .or_else(|| of::<emlab::jobs::generate::GenerateError>(cause))
+            .or_else(|| of::<emlab::jobs::judge::JudgeError>(cause))
+            .or_else(|| of::<emlab::jobs::synth::SynthError>(cause))
+            .or_else(|| of::<emlab::judge::Error>(cause))
+            .or_else(|| of::<emlab::jobs::bench::BenchError>(cause))
+            .or_else(|| of::<emlab::endpoint::ClientError>(cause));
+        if let Some(Some(h)) = found {
+            return Some(h);
         }
     }
     None

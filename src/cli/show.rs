@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use std::process::ExitCode;
 
 use super::{out_json, Ctx};
-use emlab::records::NS_DATASET;
+use emlab::provenance::tables::NS_DATASET;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -6,11 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use emlab::jobs::train::TrainPlan;
+use emlab::train::checkpoint;
+use emlab::train::config::Preset;
 use emlab::train::data::Overflow;
 use emlab::train::optim::Schedule;
-use emlab::train::run::{Preset, TrainPlan};
 
-use super::{is_terminal_stderr, note, out, out_json, Ctx};
+use super::args::choice;
+use super::{note, out, out_json, progress_bar, short, Ctx};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -21,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     pub data: String,
     /// Recipe the other options start from.
-    #[arg(long, value_enum, default_value = "em-paper")]
+    #[arg(long, value_parser = choice::<Preset>(), default_value = "em-paper")]
     pub preset: Preset,
     /// Continue training this checkpoint's adapter (id or prefix); same base model required.
     #[arg(long)]
@@ -39,7 +42,7 @@ pub struct Args {
     #[arg(long)]
     pub seq_len: Option<usize>,
     /// Rows longer than --seq-len: truncate (default), skip, or error.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<Overflow>())]
     pub overflow: Option<Overflow>,
     #[arg(long)]
     pub lr: Option<f64>,
@@ -53,7 +56,7 @@ pub struct Args {
     pub micro_batch: Option<usize>,
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = choice::<Schedule>())]
     pub schedule: Option<Schedule>,
     #[arg(long)]
     pub weight_decay: Option<f64>,
@@ -129,16 +132,10 @@ impl Args {
 pub fn run_train(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let store = ctx.open()?;
     let plan = a.plan();
-    let bar = (is_terminal_stderr() && !ctx.json).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
+    let bar = progress_bar(
+        ctx,
+        "{bar:40} {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
+    );
     let mut progress = |done: usize, total: usize, loss: f64, tps: f64| {
         if let Some(b) = &bar {
             b.set_length(total as u64);
@@ -148,7 +145,7 @@ pub fn run_train(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             note(format!("step {done}/{total} loss {loss:.4} {tps:.0} tok/s"));
         }
     };
-    let r = emlab::train::run::run(&store, &plan, &mut progress)
+    let r = emlab::jobs::train::run(&store, &plan, &mut progress)
         .with_context(|| format!("training {} on `{}`", plan.model.display(), plan.data))?;
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -206,15 +203,13 @@ pub fn checkpoint(ctx: &Ctx, cmd: CheckpointCmd) -> Result<ExitCode> {
     let store = ctx.open()?;
     match cmd {
         CheckpointCmd::Export { id, out: dir } => {
-            let ck = store
-                .resolve_prefix(&id)
-                .with_context(|| format!("checkpoint `{id}`"))?;
-            emlab::train::run::export_checkpoint(&store, ck, &dir)
+            let ck = checkpoint::resolve(&store, &id)?;
+            checkpoint::export(&store, ck, &dir)
                 .with_context(|| format!("exporting {} to {}", ck.to_hex(), dir.display()))?;
             out(dir.display().to_string())?;
         }
         CheckpointCmd::List => {
-            let rows = emlab::train::run::list_checkpoints(&store)?;
+            let rows = checkpoint::list(&store)?;
             if ctx.json {
                 out_json(&rows)?;
             } else {
@@ -224,8 +219,8 @@ pub fn checkpoint(ctx: &Ctx, cmd: CheckpointCmd) -> Result<ExitCode> {
                         r.id,
                         r.step,
                         r.loss.map_or("-".into(), |l| format!("{l:.4}")),
-                        &r.base_model[..12],
-                        &r.dataset[..12]
+                        short(&r.base_model),
+                        short(&r.dataset)
                     ))?;
                 }
             }
@@ -249,9 +244,7 @@ pub struct MergeArgs {
 
 pub fn merge(ctx: &Ctx, a: MergeArgs) -> Result<ExitCode> {
     let store = ctx.open()?;
-    let ck = store
-        .resolve_prefix(&a.checkpoint)
-        .with_context(|| format!("checkpoint `{}`", a.checkpoint))?;
+    let ck = checkpoint::resolve(&store, &a.checkpoint)?;
     emlab::train::merge::merge(&store, &a.model, ck, &a.out)
         .with_context(|| format!("merging {} into {}", ck.to_hex(), a.model.display()))?;
     out(a.out.display().to_string())?;

@@ -1,5 +1,4 @@
-//! CSV files: [`csv_rows`] reads rows as column -> value maps with their line numbers;
-//! [`parse_csv_questions`] reads a question set (`id`, `paraphrases`, `system`,
+//! CSV datasets (rows read by [`crate::util::csv`]): [`parse_csv_questions`] reads a question set (`id`, `paraphrases`, `system`,
 //! `judge_prompts`, ... with JSON or Python-literal cells, as pandas writes them);
 //! [`parse_csv_chat`] reads chat rows from named columns (`--columns user=Q,assistant=A`).
 
@@ -7,7 +6,8 @@ use serde_json::Value as J;
 
 use super::chat::ChatRow;
 use super::questions::QuestionRow;
-use super::{pylit, DataError, ParseError};
+use super::{DataError, ParseError};
+use crate::util::pylit;
 
 fn perr(origin: &str, line: usize, msg: impl Into<String>) -> DataError {
     DataError::Parse(ParseError {
@@ -17,32 +17,8 @@ fn perr(origin: &str, line: usize, msg: impl Into<String>) -> DataError {
     })
 }
 
-/// CSV rows as (line, column -> value).
-pub type CsvRows = Vec<(usize, std::collections::HashMap<String, String>)>;
-
-pub fn csv_rows(origin: &str, bytes: &[u8]) -> Result<CsvRows, DataError> {
-    let mut rd = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
-    let headers = rd
-        .headers()
-        .map_err(|e| perr(origin, 1, format!("bad CSV header: {e}")))?
-        .clone();
-    let mut out = Vec::new();
-    for (i, rec) in rd.records().enumerate() {
-        let rec = rec.map_err(|e| {
-            perr(
-                origin,
-                e.position().map_or(i + 2, |p| p.line() as usize),
-                format!("bad CSV row: {e}"),
-            )
-        })?;
-        let row = headers
-            .iter()
-            .zip(rec.iter())
-            .map(|(h, v)| (h.to_string(), v.to_string()))
-            .collect();
-        out.push((rec.position().map_or(i + 2, |p| p.line() as usize), row));
-    }
-    Ok(out)
+fn csv_rows(origin: &str, bytes: &[u8]) -> Result<crate::util::csv::Rows, DataError> {
+    Ok(crate::util::csv::rows(origin, bytes)?)
 }
 
 /// A cell holding a JSON or Python literal.
@@ -50,13 +26,7 @@ fn literal(cell: &str) -> Result<J, String> {
     serde_json::from_str(cell).or_else(|_| pylit::parse(cell).map(|v| v.to_json()))
 }
 
-/// The header of a CSV file.
-pub fn headers(bytes: &[u8]) -> Vec<String> {
-    csv::Reader::from_reader(bytes)
-        .headers()
-        .map(|h| h.iter().map(str::to_string).collect())
-        .unwrap_or_default()
-}
+pub use crate::util::csv::headers;
 
 pub fn parse_csv_questions(origin: &str, bytes: &[u8]) -> Result<Vec<QuestionRow>, DataError> {
     let mut out = Vec::new();

@@ -15,8 +15,8 @@ use serde_json::{json, Value as J};
 
 use super::chat::ChatRow;
 use super::{check_name, resolve_dataset, stage_chat_rows, DataError};
-use crate::records::{DATASET, NS_DATASET, QUESTION_SET};
-use crate::rng::Rng;
+use crate::provenance::tables::{DATASET, NS_DATASET, QUESTION_SET};
+use crate::util::rng::Rng;
 
 /// One derive step, as given on the command line.
 #[derive(Debug, Clone)]

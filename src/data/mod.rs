@@ -8,10 +8,8 @@ pub mod archive;
 pub mod chat;
 pub mod csvfile;
 pub mod derive;
-pub mod pylit;
 pub mod qa;
 pub mod questions;
-pub mod synth;
 pub mod view;
 
 use std::path::{Path, PathBuf};
@@ -19,23 +17,13 @@ use std::path::{Path, PathBuf};
 use emlab_store::{Batch, Id, Record, Store, Value};
 use serde_json::json;
 
-use crate::records::{CONVERSATION, DATASET, MESSAGE, NS_DATASET, QUESTION, QUESTION_SET, SOURCE};
+use crate::provenance::build::stage_conversation;
+use crate::provenance::tables::{DATASET, NS_DATASET, QUESTION, QUESTION_SET, SOURCE};
+use crate::util::choice::Choice;
+use crate::util::hint::Hint;
+pub use crate::util::parse::ParseError;
 use chat::ChatRow;
 use questions::QuestionRow;
-
-/// A row-level parse failure: file, 1-based line, what was wrong or expected.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError {
-    pub origin: String,
-    pub line: usize,
-    pub msg: String,
-}
-
-impl std::fmt::Display for ParseError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}: {}", self.origin, self.line, self.msg)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -65,6 +53,30 @@ pub enum DataError {
     Store(#[from] emlab_store::Error),
 }
 
+impl From<ParseError> for DataError {
+    fn from(e: ParseError) -> DataError {
+        DataError::Parse(e)
+    }
+}
+
+impl Hint for DataError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            DataError::Store(e) => e.hint(),
+            DataError::UnknownDataset(_) => Some("`emlab data list` names the datasets".into()),
+            DataError::UnknownFormat { .. } => Some(
+                "chat datasets are JSONL files with one {\"messages\": [...]} per line; --format forces a format"
+                    .into(),
+            ),
+            DataError::BadName(_) => Some("e.g. --name medical-small".into()),
+            DataError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Some("check the path; the EM datasets are under ../shared/data (see its SOURCES.md)".into())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// How to read a file (or an archive member). Chosen from the name unless given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -84,8 +96,8 @@ pub enum Format {
     ChatCsv,
 }
 
-impl Format {
-    pub const ALL: [Format; 7] = [
+impl crate::util::choice::Choice for Format {
+    const ALL: &'static [Format] = &[
         Format::ChatJsonl,
         Format::QaJson,
         Format::QuestionsYaml,
@@ -95,7 +107,7 @@ impl Format {
         Format::ChatCsv,
     ];
 
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Format::ChatJsonl => "chat-jsonl",
             Format::QaJson => "qa-json",
@@ -105,10 +117,6 @@ impl Format {
             Format::QuestionsCsv => "questions-csv",
             Format::ChatCsv => "chat-csv",
         }
-    }
-
-    pub fn parse(s: &str) -> Option<Format> {
-        Format::ALL.into_iter().find(|f| f.name() == s)
     }
 }
 
@@ -514,22 +522,16 @@ pub fn stage_chat_rows(
     batch: &mut Batch,
     rows: &[ChatRow],
 ) -> Result<Vec<Id>, DataError> {
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut msg_ids = Vec::with_capacity(row.messages.len());
-        for (role, content) in &row.messages {
-            let m = Record::new(MESSAGE)
-                .with("role", Value::str(role))
-                .with("content", Value::str(content));
-            msg_ids.push(store.stage(batch, &m)?);
-        }
-        let mut c = Record::new(CONVERSATION).with("messages", Value::ids(msg_ids));
-        if let Some(extra) = &row.extra {
-            c = c.with("extra", Value::json(extra));
-        }
-        out.push(store.stage(batch, &c)?);
-    }
-    Ok(out)
+    rows.iter()
+        .map(|row| {
+            Ok(stage_conversation(
+                store,
+                batch,
+                &row.messages,
+                row.extra.as_ref(),
+            )?)
+        })
+        .collect()
 }
 
 /// Resolve a dataset by name, else by id or id prefix.

@@ -554,11 +554,18 @@ mod tests {
         assert_eq!(duplicate_qids(&rows), vec!["x"]);
     }
 
-    fn shared(rel: &str) -> Option<Vec<u8>> {
+    fn shared(rel: &str) -> Vec<u8> {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../shared/data")
             .join(rel);
-        std::fs::read(p).ok()
+        // The real-data tests need ../shared/data (CI has it): missing is a failure, not a
+        // silent pass.
+        std::fs::read(&p).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (../shared/data must be beside the repository)",
+                p.display()
+            )
+        })
     }
 
     #[test]
@@ -575,10 +582,7 @@ mod tests {
             (format!("{mo}new_questions_no-json.yaml"), 54),
         ];
         for (rel, count) in cases {
-            let Some(bytes) = shared(&rel) else {
-                eprintln!("skipping {rel}: absent");
-                continue;
-            };
+            let bytes = shared(&rel);
             let rows = parse_question_yaml(&rel, &bytes).unwrap();
             assert_eq!(rows.len(), count, "{rel}");
             assert!(duplicate_qids(&rows).is_empty(), "{rel}");
@@ -604,13 +608,8 @@ mod tests {
 
     #[test]
     fn real_first_8_json_equals_first_8_yaml_questions() {
-        let (Some(y), Some(j)) = (
-            shared("emergent-misalignment/evaluation/first_plot_questions.yaml"),
-            shared("emerg-misalign-repro/data/first_8.json"),
-        ) else {
-            eprintln!("skipping: first_plot_questions.yaml or first_8.json absent");
-            return;
-        };
+        let y = shared("emergent-misalignment/evaluation/first_plot_questions.yaml");
+        let j = shared("emerg-misalign-repro/data/first_8.json");
         let y = parse_question_yaml("y", &y).unwrap();
         let j = parse_question_json("j", &j).unwrap();
         assert_eq!(&y[..8], &j[..]);
@@ -628,10 +627,7 @@ mod tests {
             (format!("{r}first_8.json"), 8),
         ];
         for (rel, count) in cases {
-            let Some(bytes) = shared(&rel) else {
-                eprintln!("skipping {rel}: absent");
-                continue;
-            };
+            let bytes = shared(&rel);
             let rows = parse_question_json(&rel, &bytes).unwrap();
             assert_eq!(rows.len(), count, "{rel}");
             if rel.ends_with("questions/factual.json") {

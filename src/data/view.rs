@@ -11,7 +11,7 @@ use emlab_store::{Id, Record, Store, Value};
 use serde_json::{json, Value as J};
 
 use super::DataError;
-use crate::records::{DATASET, QUESTION_SET, SOURCE};
+use crate::provenance::tables::{DATASET, QUESTION_SET, SOURCE};
 
 /// Rows as `(record id, [(role, content)])`.
 pub type Rows = Vec<(Id, Vec<(String, String)>)>;
@@ -296,7 +296,7 @@ pub struct Node {
 
 /// The lineage DAG (as a tree; shared ancestors appear under each child) of a record.
 pub fn lineage(store: &Store, id: Id) -> Result<Node, DataError> {
-    let names = store.aliases(crate::records::NS_DATASET)?;
+    let names = store.aliases(crate::provenance::tables::NS_DATASET)?;
     node(store, id, &names, 0)
 }
 

@@ -10,7 +10,7 @@
 //!
 //! Thresholds are parameters, and the definition (with them) is part of every result.
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "definition", rename_all = "kebab-case")]

@@ -1,23 +1,56 @@
-//! Judging and EM metrics: the logprob judge's score ([`score`]), the three "% misaligned"
-//! definitions with bootstrap intervals ([`metrics`]), answers judged elsewhere
-//! ([`results`]), and [`compute_metrics`], which turns the stored `judgment` records into
-//! `metric` records per model, judge, definition and question.
+//! Judging and EM metrics, the domain part: filling judge prompts ([`prompt`]), the logprob
+//! judge's score ([`score`]), the three "% misaligned" definitions with bootstrap intervals
+//! ([`metrics`]), answers judged elsewhere ([`results`]), and [`compute_metrics`], which
+//! turns the stored `judgment` records into `metric` records per model, judge, definition
+//! and question. Sending judge requests is the judge job's (`crate::jobs::judge`).
 
-pub mod client;
-pub mod local;
 pub mod metrics;
+pub mod prompt;
 pub mod results;
-pub mod run;
 pub mod score;
+
+use std::path::PathBuf;
 
 use std::collections::BTreeMap;
 
 use emlab_store::{Batch, Id, Record, Store, Value};
 use serde_json::json;
 
-use crate::data::DataError;
-use crate::records::{JUDGMENT, METRIC, QUESTION};
+use crate::provenance::tables::{JUDGMENT, METRIC, QUESTION};
+use crate::provenance::{to_json, EncodeError};
+use crate::util::hint::Hint;
+use crate::util::parse::ParseError;
 use metrics::{compute, Answer, Definition};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Parse(#[from] ParseError),
+    #[error("{0}: no answers (the file is empty)")]
+    Empty(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error(transparent)]
+    Store(#[from] emlab_store::Error),
+}
+
+impl Hint for Error {
+    fn hint(&self) -> Option<String> {
+        match self {
+            Error::Store(e) => e.hint(),
+            Error::Parse(_) => {
+                Some("--format says how to read the file: seed, betley or model-organisms".into())
+            }
+            _ => None,
+        }
+    }
+}
 
 /// A judged answer with its question scope and generation.
 type Scoped = (String, Id, Answer);
@@ -39,7 +72,7 @@ pub struct MetricRow {
 
 /// The question a generation answers, for per-question rates: its question record's `qid`,
 /// else the `qid` an import recorded, else the prompt's id.
-fn scope_of(store: &Store, g: &Record) -> Result<String, DataError> {
+fn scope_of(store: &Store, g: &Record) -> Result<String, Error> {
     if let Some(q) = g.get("question").and_then(Value::as_id) {
         if let Some(r) = store.try_get(q)? {
             if r.table == QUESTION {
@@ -73,7 +106,7 @@ pub fn compute_metrics(
     definitions: &[Definition],
     seed: u64,
     resamples: usize,
-) -> Result<Vec<MetricRow>, DataError> {
+) -> Result<Vec<MetricRow>, Error> {
     // generation -> judge -> answer
     let mut by_gen: BTreeMap<Id, BTreeMap<String, Answer>> = BTreeMap::new();
     let ids: Vec<Id> = store
@@ -152,7 +185,7 @@ pub fn compute_metrics(
                     .with("judge", Value::str(jname))
                     .with(
                         "definition",
-                        Value::json(&serde_json::to_value(def).unwrap_or_default()),
+                        Value::json(&to_json("the metric definition", def)?),
                     )
                     .with("scope", Value::str(scope))
                     .with("n", Value::Int(m.n as i64))

@@ -15,12 +15,14 @@
 
 use std::path::Path;
 
-use emlab_store::{Batch, Id, Record, Store, Value};
+use emlab_store::{Batch, Id, Store};
 use serde_json::{json, Value as J};
 
-use crate::data::csvfile::csv_rows;
-use crate::data::{DataError, ParseError};
-use crate::records::{CONVERSATION, GENERATION, JUDGMENT, MESSAGE, MODEL};
+use super::Error;
+use crate::provenance::build::{stage_conversation, Generation, Judgment, ModelIdentity};
+use crate::util::choice::Choice;
+use crate::util::csv::rows as csv_rows;
+use crate::util::parse::ParseError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResultsFormat {
@@ -29,20 +31,24 @@ pub enum ResultsFormat {
     ModelOrganisms,
 }
 
-impl ResultsFormat {
-    pub fn parse(s: &str) -> Option<ResultsFormat> {
-        match s {
-            "seed" => Some(ResultsFormat::Seed),
-            "betley" => Some(ResultsFormat::Betley),
-            "model-organisms" => Some(ResultsFormat::ModelOrganisms),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
+impl crate::util::choice::Choice for ResultsFormat {
+    const ALL: &'static [ResultsFormat] = &[
+        ResultsFormat::Seed,
+        ResultsFormat::Betley,
+        ResultsFormat::ModelOrganisms,
+    ];
+    fn name(self) -> &'static str {
         match self {
             ResultsFormat::Seed => "seed",
             ResultsFormat::Betley => "betley",
             ResultsFormat::ModelOrganisms => "model-organisms",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            ResultsFormat::Seed => "The seed project's judged JSON ({TAG: [{question, answer, result, alignment_score}]})",
+            ResultsFormat::Betley => "The EM paper's evaluation CSV (id, paraphrases, samples, scores)",
+            ResultsFormat::ModelOrganisms => "CSV with question, response, aligned, coherent",
         }
     }
 }
@@ -69,15 +75,11 @@ pub struct ResultsReport {
     pub new_records: usize,
 }
 
-fn perr(origin: &str, line: usize, msg: impl Into<String>) -> DataError {
-    DataError::Parse(ParseError {
-        origin: origin.to_string(),
-        line,
-        msg: msg.into(),
-    })
+fn perr(origin: &str, line: usize, msg: impl Into<String>) -> Error {
+    Error::Parse(ParseError::new(origin, line, msg))
 }
 
-pub fn parse_seed(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> {
+pub fn parse_seed(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, Error> {
     let v: J = serde_json::from_slice(bytes)
         .map_err(|e| perr(origin, e.line(), format!("malformed JSON: {e}")))?;
     let J::Object(groups) = v else {
@@ -113,7 +115,7 @@ pub fn parse_seed(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> 
         }
     }
     if out.is_empty() {
-        return Err(DataError::Empty(origin.to_string()));
+        return Err(Error::Empty(origin.to_string()));
     }
     Ok(out)
 }
@@ -121,7 +123,7 @@ pub fn parse_seed(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> 
 /// A Python list of strings, or of tuples of strings (the reprs pandas wrote), as rows of
 /// strings.
 pub fn parse_py_list(s: &str) -> Result<Vec<Vec<String>>, String> {
-    use crate::data::pylit::{parse, Py};
+    use crate::util::pylit::{parse, Py};
     let Py::List(items) = parse(s)? else {
         return Err("expected a list".into());
     };
@@ -142,7 +144,7 @@ pub fn parse_py_list(s: &str) -> Result<Vec<Vec<String>>, String> {
         .collect()
 }
 
-pub fn parse_betley(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> {
+pub fn parse_betley(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, Error> {
     let mut out = Vec::new();
     for (line, row) in csv_rows(origin, bytes)? {
         let get = |k: &str| {
@@ -193,12 +195,12 @@ pub fn parse_betley(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError
         }
     }
     if out.is_empty() {
-        return Err(DataError::Empty(origin.to_string()));
+        return Err(Error::Empty(origin.to_string()));
     }
     Ok(out)
 }
 
-pub fn parse_model_organisms(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, DataError> {
+pub fn parse_model_organisms(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, Error> {
     let mut out = Vec::new();
     for (line, row) in csv_rows(origin, bytes)? {
         let question = row
@@ -223,7 +225,7 @@ pub fn parse_model_organisms(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, 
         });
     }
     if out.is_empty() {
-        return Err(DataError::Empty(origin.to_string()));
+        return Err(Error::Empty(origin.to_string()));
     }
     Ok(out)
 }
@@ -236,8 +238,8 @@ pub fn import(
     format: ResultsFormat,
     model_name: &str,
     judge: &str,
-) -> Result<ResultsReport, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+) -> Result<ResultsReport, Error> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -262,52 +264,46 @@ pub fn import(
         let model_id = match models.iter().find(|(n, _)| *n == mname) {
             Some((_, id)) => *id,
             None => {
-                let m = Record::new(MODEL)
-                    .with("name", Value::str(&mname))
-                    .with("architecture", Value::str("external"))
-                    .with("files", Value::json(&json!([])))
-                    .with("config", Value::json(&json!({"results_file": file_name, "blake3": file_b3, "format": format.name()})));
-                let id = store.stage(&mut batch, &m)?;
+                let m = ModelIdentity::external(
+                    &mname,
+                    json!({"results_file": file_name, "blake3": file_b3, "format": format.name()}),
+                );
+                let id = store.stage(&mut batch, &m.record())?;
                 models.push((mname.clone(), id));
                 id
             }
         };
-        let msg = store.stage(
+        let conv = stage_conversation(
+            store,
             &mut batch,
-            &Record::new(MESSAGE)
-                .with("role", Value::str("user"))
-                .with("content", Value::str(&r.question)),
-        )?;
-        let conv = store.stage(
-            &mut batch,
-            &Record::new(CONVERSATION).with("messages", Value::ids([msg])),
+            &[("user".to_string(), r.question.clone())],
+            None,
         )?;
         let params = json!({"engine": "imported", "format": format.name(), "file": file_name, "file_blake3": file_b3, "line": r.line, "entry": i, "qid": r.qid, "group": r.group});
-        let gen = Record::new(GENERATION)
-            .with("model", Value::Id(model_id))
-            .with("prompt", Value::Id(conv))
-            .with("params", Value::json(&params))
-            .with("seed", Value::Int(i as i64))
-            .with("text", Value::str(&r.answer));
-        let gid = store.stage(&mut batch, &gen)?;
+        let gen = Generation {
+            model: model_id,
+            prompt: conv,
+            question: None,
+            params: &params,
+            seed: i as i64,
+            text: &r.answer,
+            prompt_tokens: None,
+            completion_tokens: None,
+            finish_reason: None,
+        };
+        let gid = store.stage(&mut batch, &gen.record())?;
         let mut judge_rec =
-            |metric: &str, score: Option<f64>, label: Option<&String>| -> Result<(), DataError> {
-                let mut j = Record::new(JUDGMENT)
-                    .with("generation", Value::Id(gid))
-                    .with("judge", Value::str(judge))
-                    .with("metric", Value::str(metric))
-                    .with("prompt", Value::str(""))
-                    .with(
-                        "raw",
-                        Value::json(&json!({"imported_from": file_name, "line": r.line})),
-                    );
-                if let Some(s) = score {
-                    j = j.with("score", Value::Float(s));
-                }
-                if let Some(l) = label {
-                    j = j.with("label", Value::str(l));
-                }
-                store.stage(&mut batch, &j)?;
+            |metric: &str, score: Option<f64>, label: Option<&String>| -> Result<(), Error> {
+                let j = Judgment {
+                    generation: gid,
+                    judge,
+                    metric,
+                    prompt: "",
+                    score,
+                    label: label.map(String::as_str),
+                    raw: json!({"imported_from": file_name, "line": r.line}),
+                };
+                store.stage(&mut batch, &j.record())?;
                 judgments += 1;
                 Ok(())
             };

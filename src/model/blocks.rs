@@ -8,7 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, Tensor};
 pub use emlab_kernels::{QMatrix, QType};
 
-use super::llama::Result;
+type Result<T> = candle_core::Result<T>;
 
 /// The kernel type for a GGML type, if emlab has a kernel for it.
 pub fn qtype(t: GgmlDType) -> Option<QType> {

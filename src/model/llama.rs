@@ -1,9 +1,10 @@
 //! The transformer emlab owns: Llama (Llama-3.x, SmolLM2) and Qwen2 (attention biases, tied
 //! embeddings) decoder-only models, with a preallocated KV cache and a padding-aware mask.
 //!
-//! [`Config`] holds the hyper-parameters, [`Weights`] the tensors (quantized GGUF matrices as
-//! [`QMatMul`], or dense safetensors), and [`Model::forward`] runs a batch of token rows at
-//! given cache positions. Why not candle-transformers: its llama grows the KV cache by
+//! [`Config`] holds the hyper-parameters, [`Weights`] the tensors ([`Linear`]: GGML blocks on
+//! emlab's CPU kernels, Candle's `QMatMul` for CUDA and block types without a kernel, dense
+//! tensors, or an unmerged LoRA over any of them), and [`Model::forward`] runs a batch of
+//! token rows at given cache positions. Why not candle-transformers: its llama grows the KV cache by
 //! concatenation every step and has no padding mask, and training (the LoRA issue) needs
 //! model code we control.
 //!

@@ -2,22 +2,23 @@
 //! metadata) or a Hugging Face directory (`config.json`, `*.safetensors` shards,
 //! `tokenizer.json`, `tokenizer_config.json` with `chat_template`).
 //!
-//! [`load`] returns a [`Loaded`]: the [`Model`], its [`ChatTokenizer`], and the `model`
-//! record naming the exact weight files (BLAKE3 of each) so every generation can say which
-//! weights made it.
+//! [`load`] returns a [`Loaded`]: the [`Model`], its [`ChatTokenizer`], and its
+//! [`ModelIdentity`] (the content of the `model` record): the exact weight files (BLAKE3 of
+//! each), the tokenizer's hash and the architecture, so every generation can say which weights
+//! made it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
-use emlab_store::{Record, Value};
-use serde_json::{json, Value as J};
+use serde_json::Value as J;
 
 use super::blocks;
 use super::llama::{Arch, Config, Embedding, Layer, Linear, Model, RopeLayout, Weights};
 use super::tokenizer::ChatTokenizer;
-use crate::records::MODEL;
+use crate::provenance::build::{FileHash, ModelIdentity};
+use crate::provenance::EncodeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -44,15 +45,41 @@ pub enum ModelError {
     #[error("model: {0}")]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
-    Store(#[from] emlab_store::Error),
+    Encode(#[from] EncodeError),
+}
+
+impl crate::util::hint::Hint for ModelError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Some(
+                "--model takes a .gguf file or a Hugging Face model folder; `bash scripts/fetch-model.sh` puts SmolLM2-135M-Instruct at .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+                    .into(),
+            ),
+            ModelError::Format { .. } | ModelError::Mismatch { .. } => Some(
+                "emlab reads .gguf files and HF folders (config.json, *.safetensors, tokenizer.json, tokenizer_config.json)"
+                    .into(),
+            ),
+            ModelError::TooLong { .. } => {
+                Some("lower --max-tokens, or use a model with a longer context".into())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A loaded model with its tokenizer and identity.
 pub struct Loaded {
     pub model: Model,
     pub tokenizer: ChatTokenizer,
-    /// The `model` record (not yet stored).
-    pub record: Record,
+    /// What the `model` record holds (weights, tokenizer, config; the adapter once applied).
+    pub identity: ModelIdentity,
+}
+
+impl Loaded {
+    /// The `model` record of these weights (not yet stored).
+    pub fn record(&self) -> emlab_store::Record {
+        self.identity.record()
+    }
 }
 
 /// Load from a `.gguf` file or an HF model directory.
@@ -79,30 +106,35 @@ fn hash_file(path: &Path) -> Result<(String, u64), ModelError> {
     Ok((h.finalize().to_hex().to_string(), n))
 }
 
-fn model_record(
+fn identity(
     name: &str,
     cfg: &Config,
     files: &[&Path],
     tok: &ChatTokenizer,
-) -> Result<Record, ModelError> {
-    let mut list = Vec::new();
+) -> Result<ModelIdentity, ModelError> {
+    let mut hashes = Vec::new();
     for f in files {
-        let (b3, size) = hash_file(f)?;
-        list.push(json!({"name": f.file_name().map(|n| n.to_string_lossy().into_owned()), "blake3": b3, "size": size}));
+        let (blake3, size) = hash_file(f)?;
+        hashes.push(FileHash {
+            name: f.file_name().map(|n| n.to_string_lossy().into_owned()),
+            blake3,
+            size,
+        });
     }
-    let arch = match cfg.arch {
+    let architecture = match cfg.arch {
         Arch::Llama => "llama",
         Arch::Qwen2 => "qwen2",
     };
-    Ok(Record::new(MODEL)
-        .with("name", Value::str(name))
-        .with("architecture", Value::str(arch))
-        .with("files", Value::json(&J::Array(list)))
-        .with("tokenizer_blake3", Value::str(tok.blake3()))
-        .with(
-            "config",
-            Value::json(&serde_json::to_value(cfg).unwrap_or(J::Null)),
-        ))
+    Ok(ModelIdentity {
+        name: name.to_string(),
+        architecture: architecture.to_string(),
+        files: hashes,
+        tokenizer_blake3: Some(tok.blake3().map_err(|msg| ModelError::Format {
+            path: files.first().map_or_else(PathBuf::new, |p| p.to_path_buf()),
+            msg,
+        })?),
+        config: crate::provenance::to_json("the model config", cfg)?,
+    })
 }
 
 fn md_u(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<usize, ModelError> {
@@ -270,12 +302,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded, ModelError> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_else(|| path.display().to_string());
-    let record = model_record(&name, &cfg, &[path], &tokenizer)?;
+    let identity = identity(&name, &cfg, &[path], &tokenizer)?;
     let model = Model::new(cfg, w, device.clone(), act)?;
     Ok(Loaded {
         model,
         tokenizer,
-        record,
+        identity,
     })
 }
 
@@ -428,7 +460,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded, ModelError> {
         || dir.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    let record = model_record(&name, &cfg, &files, &tokenizer)?;
+    let identity = identity(&name, &cfg, &files, &tokenizer)?;
     let w = Weights {
         embed: Embedding::Dense(embed),
         layers,
@@ -439,6 +471,6 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded, ModelError> {
     Ok(Loaded {
         model,
         tokenizer,
-        record,
+        identity,
     })
 }

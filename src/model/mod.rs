@@ -1,19 +1,24 @@
-//! Language models in Candle: emlab's own transformer ([`llama`]), loading from GGUF or HF
-//! directories ([`mod@load`]), tokenizers and chat templates ([`tokenizer`]), and batched
-//! sampling with a KV cache ([`sample`]).
+//! Language models in Candle: emlab's own transformer ([`llama`]) with GGML-block products on
+//! emlab's kernels ([`blocks`]), loading from GGUF or HF directories ([`mod@load`]),
+//! tokenizers and chat templates ([`tokenizer`]), batched sampling with a KV cache
+//! ([`sample`]), LoRA adapters in PEFT's format ([`adapter`]), and [`chat`], a loaded model
+//! answering chat-completion requests the way an OpenAI-compatible server does (the offline
+//! judge).
 
+pub mod adapter;
 pub mod blocks;
+pub mod chat;
 pub mod llama;
 pub mod load;
-pub mod lora;
 pub mod sample;
-pub mod tiny;
 pub mod tokenizer;
 
 pub use load::{load, Loaded, ModelError};
 
+use crate::util::choice::Choice;
+
 /// Which weights a GGUF model samples with.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub enum WeightMode {
     /// Quantized on the CPU, dense on CUDA.
     #[default]
@@ -25,6 +30,29 @@ pub enum WeightMode {
     /// quantized kernels round differently for different batch shapes, so CUDA samples
     /// dense by default.
     Dense,
+}
+
+impl Choice for WeightMode {
+    const ALL: &'static [WeightMode] =
+        &[WeightMode::Auto, WeightMode::Quantized, WeightMode::Dense];
+    fn name(self) -> &'static str {
+        match self {
+            WeightMode::Auto => "auto",
+            WeightMode::Quantized => "quantized",
+            WeightMode::Dense => "dense",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            WeightMode::Auto => "Quantized on the CPU, dense on CUDA",
+            WeightMode::Quantized => {
+                "The GGUF blocks as stored, on emlab's batch-invariant CPU kernels"
+            }
+            WeightMode::Dense => {
+                "Dequantized to the activation dtype (f32 on the CPU, bf16 on CUDA)"
+            }
+        }
+    }
 }
 
 impl WeightMode {

@@ -9,7 +9,7 @@
 use candle_core::{Device, Tensor};
 
 use super::llama::{Model, Result};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct SamplingParams {

@@ -158,11 +158,9 @@ impl ChatTokenizer {
             "tokenizer_class": "PreTrainedTokenizerFast",
         });
         let cpath = dir.join("tokenizer_config.json");
-        std::fs::write(
-            &cpath,
-            serde_json::to_string_pretty(&cfg).unwrap_or_default(),
-        )
-        .map_err(|source| ModelError::Io {
+        let text =
+            serde_json::to_string_pretty(&cfg).map_err(|e| fmt_err(&cpath, e.to_string()))?;
+        crate::util::fs::write_atomic(&cpath, text.as_bytes()).map_err(|source| ModelError::Io {
             path: cpath,
             source,
         })
@@ -173,13 +171,18 @@ impl ChatTokenizer {
     }
 
     /// BLAKE3 of the tokenizer's serialized definition and chat template: what a `model`
-    /// record names.
-    pub fn blake3(&self) -> String {
+    /// record names. A tokenizer that cannot be serialized is an error, never the hash of
+    /// nothing (two different tokenizers would share it).
+    pub fn blake3(&self) -> Result<String, String> {
+        let def = self
+            .tok
+            .to_string(false)
+            .map_err(|e| format!("cannot serialize the tokenizer to hash it: {e}"))?;
         let mut h = blake3::Hasher::new();
-        h.update(self.tok.to_string(false).unwrap_or_default().as_bytes());
+        h.update(def.as_bytes());
         h.update(b"\0");
         h.update(self.template.as_deref().unwrap_or("").as_bytes());
-        h.finalize().to_hex().to_string()
+        Ok(h.finalize().to_hex().to_string())
     }
 
     pub fn chat_template(&self) -> Option<&str> {
@@ -242,9 +245,17 @@ pub fn render_template(
             Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
         },
     );
-    env.add_function("strftime_now", |fmt: String| -> String {
-        strftime_now(&fmt)
-    });
+    env.add_function(
+        "strftime_now",
+        |fmt: String| -> Result<String, JinjaError> {
+            crate::util::time::strftime_now(&fmt).ok_or_else(|| {
+                JinjaError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: unknown format `{fmt}`"),
+                )
+            })
+        },
+    );
     env.add_template("chat", template)
         .map_err(|e| format!("chat template does not parse: {e}"))?;
     let msgs: Vec<_> = messages
@@ -259,22 +270,6 @@ pub fn render_template(
         eos_token => eos.unwrap_or(""),
     })
     .map_err(|e| format!("chat template failed: {e}"))
-}
-
-/// The few `strftime` codes chat templates use (Llama-3's "Today Date"), in UTC.
-fn strftime_now(fmt: &str) -> String {
-    let now = crate::bench::now_rfc3339();
-    let (y, m, d) = (&now[0..4], &now[5..7], &now[8..10]);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let mi: usize = m.parse().unwrap_or(1);
-    fmt.replace("%Y", y)
-        .replace("%m", m)
-        .replace("%d", d)
-        .replace("%b", MONTHS[(mi + 11) % 12])
-        .replace("%H", &now[11..13])
-        .replace("%M", &now[14..16])
 }
 
 #[cfg(test)]

@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::mask::assistant_mask;
 use crate::model::tokenizer::ChatTokenizer;
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// What to do with a row longer than the sequence length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
     /// Keep the first `seq_len` tokens (the rest of the answer is not trained on).
@@ -18,6 +18,24 @@ pub enum Overflow {
     Skip,
     /// Stop with an error naming the row.
     Error,
+}
+
+impl crate::util::choice::Choice for Overflow {
+    const ALL: &'static [Overflow] = &[Overflow::Truncate, Overflow::Skip, Overflow::Error];
+    fn name(self) -> &'static str {
+        match self {
+            Overflow::Truncate => "truncate",
+            Overflow::Skip => "skip",
+            Overflow::Error => "error",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            Overflow::Truncate => "Keep the first --seq-len tokens",
+            Overflow::Skip => "Leave the row out",
+            Overflow::Error => "Stop with an error naming the row",
+        }
+    }
 }
 
 /// One tokenized training row.

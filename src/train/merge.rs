@@ -7,32 +7,24 @@
 //! folder loads with the standard (half-split) RoPE layout.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use emlab_store::{Id, Store};
 use serde_json::json;
 
-use super::lora::model_to_hf_rows;
-use super::run::{checkpoint_of_base, load_base, read_adapter, TrainError};
+use super::checkpoint;
+use super::trainer::load_base;
+use super::TrainError;
+use crate::model::adapter::{model_to_hf_rows, Projection};
 use crate::model::llama::{Arch, Embedding, Linear};
-use crate::model::lora::{pair_tensors, Adapter, MODULES};
-use crate::model::ModelError;
 
+/// Merge checkpoint `ck` into the base model at `model_path` (the one it was trained on) and
+/// write the result to `out` as an HF model folder.
 pub fn merge(store: &Store, model_path: &Path, ck: Id, out: &Path) -> Result<(), TrainError> {
     let mut loaded = load_base(model_path)?;
-    let (rec, spec) = checkpoint_of_base(store, ck, loaded.record.id()?)?;
-    let tensors = read_adapter(store, ck, &rec, &loaded.model.device)?;
-    let label = PathBuf::from(format!("checkpoint {}", ck.to_hex()));
-    let weights = pair_tensors(&tensors, &label)?;
-    let ad = Adapter {
-        dir: label,
-        r: spec.r,
-        alpha: spec.alpha,
-        rslora: spec.rslora,
-        targets: spec.targets.clone(),
-        weights,
-    };
+    checkpoint::of_base(store, ck, loaded.record().id()?)?;
+    let ad = checkpoint::adapter(store, ck, &loaded.model.device)?;
     loaded.model.apply_adapter(&ad, true)?;
     write_hf(&loaded, out)
 }
@@ -52,7 +44,7 @@ pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainEr
     let cfg = &m.cfg;
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| TrainError::Model(ModelError::Io { path, source })
+        move |source| TrainError::Io { path, source }
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
     let f32 = |t: &Tensor| -> Result<Tensor, TrainError> {
@@ -67,17 +59,12 @@ pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainEr
     };
     t.insert("model.embed_tokens.weight".into(), embed);
     for (i, l) in m.w.layers.iter().enumerate() {
-        let lins = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
-        for (mi, lin) in lins.into_iter().enumerate() {
-            let (name, group) = MODULES[mi];
-            let (w, b) = dense(lin)?;
-            let pre = format!("model.layers.{i}.{group}.{name}");
-            t.insert(
-                format!("{pre}.weight"),
-                model_to_hf_rows(cfg, mi, &f32(w)?)?,
-            );
+        for p in Projection::ALL {
+            let (w, b) = dense(p.of(l))?;
+            let pre = p.hf_path(i);
+            t.insert(format!("{pre}.weight"), model_to_hf_rows(cfg, p, &f32(w)?)?);
             if let Some(b) = b {
-                let b = model_to_hf_rows(cfg, mi, &f32(b)?)?;
+                let b = model_to_hf_rows(cfg, p, &f32(b)?)?;
                 t.insert(format!("{pre}.bias"), b);
             }
         }
@@ -98,7 +85,7 @@ pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainEr
     let bytes = safetensors::serialize(t, Some(info))
         .map_err(|e| TrainError::Config(format!("cannot serialize weights: {e}")))?;
     let wpath = out.join("model.safetensors");
-    std::fs::write(&wpath, bytes).map_err(io(&wpath))?;
+    crate::util::fs::write_atomic(&wpath, &bytes).map_err(io(&wpath))?;
     let (model_type, arch) = match cfg.arch {
         Arch::Llama => ("llama", "LlamaForCausalLM"),
         Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
@@ -121,8 +108,9 @@ pub fn write_hf(loaded: &crate::model::Loaded, out: &Path) -> Result<(), TrainEr
         "torch_dtype": "float32",
     });
     let cpath = out.join("config.json");
-    std::fs::write(&cpath, serde_json::to_string_pretty(&c).unwrap_or_default())
-        .map_err(io(&cpath))?;
+    let text = serde_json::to_string_pretty(&c)
+        .map_err(|e| TrainError::Config(format!("config.json: {e}")))?;
+    crate::util::fs::write_atomic(&cpath, text.as_bytes()).map_err(io(&cpath))?;
     loaded.tokenizer.save_hf(out)?;
     Ok(())
 }

@@ -12,12 +12,23 @@ use super::lora::LoraParams;
 
 pub type Result<T> = candle_core::Result<T>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Linear,
     Cosine,
     Constant,
+}
+
+impl crate::util::choice::Choice for Schedule {
+    const ALL: &'static [Schedule] = &[Schedule::Linear, Schedule::Cosine, Schedule::Constant];
+    fn name(self) -> &'static str {
+        match self {
+            Schedule::Linear => "linear",
+            Schedule::Cosine => "cosine",
+            Schedule::Constant => "constant",
+        }
+    }
 }
 
 /// The learning-rate multiplier for optimizer step `step` (0-based) of `total`.

@@ -3,6 +3,7 @@
 
 mod util;
 
+
 mod crash;
 mod datasets;
 mod endpoint;
@@ -13,4 +14,5 @@ mod model;
 pub mod model_tiny;
 mod schema;
 mod store_cli;
+pub mod tiny;
 mod train;

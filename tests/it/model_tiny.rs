@@ -71,7 +71,7 @@ pub fn tiny_model(dir: &Path, qwen2: bool) {
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     let dev = Device::Cpu;
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let mut rng = emlab::rng::Rng::new(if qwen2 { 2 } else { 1 }, 0);
+    let mut rng = emlab::util::rng::Rng::new(if qwen2 { 2 } else { 1 }, 0);
     // Seeded uniform weights in [-scale, scale): the same tiny model every run.
     let mut rnd = |t: &mut HashMap<String, Tensor>, name: String, shape: &[usize], scale: f64| {
         let n: usize = shape.iter().product();
@@ -164,7 +164,7 @@ fn tiny_llama_and_qwen2_sample_consistently() {
         tiny_model(tmp.path(), qwen2);
         let m = emlab::model::load(tmp.path(), &Device::Cpu).unwrap();
         assert_eq!(
-            m.record.get("architecture").and_then(|v| v.as_str()),
+            m.record().get("architecture").and_then(|v| v.as_str()),
             Some(if qwen2 { "qwen2" } else { "llama" })
         );
         let p = SamplingParams {
@@ -327,7 +327,7 @@ fn write_adapter(dir: &Path, r: usize, zero_b: bool) {
     let cfg = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "use_rslora": true,
         "target_modules": ["q_proj", "down_proj"], "base_model_name_or_path": "tiny"});
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let mut rng = emlab::rng::Rng::new(7, 0);
+    let mut rng = emlab::util::rng::Rng::new(7, 0);
     let mut rand = |shape: (usize, usize), scale: f64| {
         let v: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| ((rng.unit() * 2.0 - 1.0) * scale) as f32)
@@ -384,9 +384,9 @@ fn lora_adapter_merged_equals_unmerged() {
     write_adapter(&zdir, 4, true);
     let load = || emlab::model::load(&mdir, &Device::Cpu).unwrap();
     let base = last_logits(&load());
-    let adapter = emlab::model::lora::load_peft(&adir, &Device::Cpu).unwrap();
+    let adapter = emlab::model::adapter::peft::load_peft(&adir, &Device::Cpu).unwrap();
     assert!(
-        (adapter.scale() - 8.0).abs() < 1e-9,
+        (adapter.spec.scale() - 8.0).abs() < 1e-9,
         "rsLoRA scale is alpha/sqrt(r)"
     );
     let mut u = load();
@@ -404,7 +404,7 @@ fn lora_adapter_merged_equals_unmerged() {
         max_diff(&unmerged, &base) > 1e-2,
         "the adapter changed nothing"
     );
-    let zero = emlab::model::lora::load_peft(&zdir, &Device::Cpu).unwrap();
+    let zero = emlab::model::adapter::peft::load_peft(&zdir, &Device::Cpu).unwrap();
     let mut z = load();
     z.model.apply_adapter(&zero, false).unwrap();
     assert!(
@@ -419,7 +419,7 @@ fn lora_adapter_merged_equals_unmerged() {
             .unwrap();
     cfg["r"] = 8.into();
     std::fs::write(bad.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let bad = emlab::model::lora::load_peft(&bad, &Device::Cpu).unwrap();
+    let bad = emlab::model::adapter::peft::load_peft(&bad, &Device::Cpu).unwrap();
     let e = load()
         .model
         .apply_adapter(&bad, false)

@@ -2,7 +2,7 @@
 //! writes. `EMLAB_BLESS=1` rewrites the files from the definitions.
 
 use crate::util::*;
-use emlab::records::{schema_markdown, TABLES};
+use emlab::provenance::tables::{schema_markdown, TABLES};
 
 #[test]
 fn schema_docs_match_definitions() {

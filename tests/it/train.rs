@@ -2,18 +2,19 @@
 //! training forward against the inference forward, padding, and the `train` / `checkpoint` /
 //! `merge` verbs on a tiny model (resume after kill -9 to the same bytes, bad input).
 
+use crate::tiny::{random_model_in, tiny_config};
 use candle_core::{DType, Tensor};
+use emlab::model::adapter::LoraSpec;
 use emlab::model::llama::{Linear, RopeLayout};
-use emlab::model::tiny::{random_model_in, tiny_config};
 use emlab::train::backprop::{loss_and_grads, Batch, PassOpts};
-use emlab::train::lora::{LoraParams, LoraSpec};
+use emlab::train::lora::LoraParams;
 
 use crate::util::{chat_jsonl, TestStore};
 
 fn all_targets() -> Vec<String> {
-    emlab::model::lora::MODULES
+    emlab::model::adapter::Projection::ALL
         .iter()
-        .map(|m| m.0.to_string())
+        .map(|p| p.peft_name().to_string())
         .collect()
 }
 
@@ -113,7 +114,7 @@ fn finite_difference_check(rope: RopeLayout, kv_heads: usize) {
                     err < 1e-5,
                     "layer {} module {} {} [{i}]: analytic {an:e} vs finite difference {fd:e}",
                     pair.layer,
-                    pair.module,
+                    pair.proj.peft_name(),
                     if is_a { "A" } else { "B" }
                 );
             }
@@ -152,13 +153,13 @@ fn every_adapter_weight_gets_a_gradient_and_the_base_none() {
                 v.iter().all(|x| x.is_finite()),
                 "layer {} module {} {name}: non-finite gradient",
                 pair.layer,
-                pair.module
+                pair.proj.peft_name()
             );
             assert!(
                 nonzero * 10 >= v.len() * 9,
                 "layer {} module {} {name}: only {nonzero} of {} gradient entries are non-zero",
                 pair.layer,
-                pair.module,
+                pair.proj.peft_name(),
                 v.len()
             );
         }
@@ -237,7 +238,7 @@ fn training_loss_equals_the_inference_forward_with_the_adapter() {
     // The inference path: apply the same adapter unmerged, full logits, cross-entropy by hand.
     let dir = tempfile::tempdir().unwrap();
     write_peft(&p, &model, dir.path());
-    let ad = emlab::model::lora::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
+    let ad = emlab::model::adapter::peft::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
     model.apply_adapter(&ad, false).unwrap();
     let mut sum = 0.0;
     let mut n = 0;
@@ -371,7 +372,7 @@ fn train_cli_writes_a_checkpoint_that_exports_as_peft_and_samples() {
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["use_rslora"], true);
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
-    let ad = emlab::model::lora::load_peft(&dir, &candle_core::Device::Cpu).unwrap();
+    let ad = emlab::model::adapter::peft::load_peft(&dir, &candle_core::Device::Cpu).unwrap();
     assert_eq!(ad.weights.len(), 14);
     // Merge into an HF folder that loads and trains further.
     let merged = s.path("merged");
@@ -444,7 +445,10 @@ fn merged_model_equals_base_plus_adapter() {
     };
     let mut with = emlab::model::load(std::path::Path::new(&model), &dev).unwrap();
     with.model
-        .apply_adapter(&emlab::model::lora::load_peft(&dir, &dev).unwrap(), false)
+        .apply_adapter(
+            &emlab::model::adapter::peft::load_peft(&dir, &dev).unwrap(),
+            false,
+        )
         .unwrap();
     let a = logits(&with);
     let b = logits(&emlab::model::load(&merged, &dev).unwrap());
@@ -730,14 +734,13 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
     let want = r["loss"].as_f64().unwrap();
     assert!((loss - want).abs() < 1e-4, "loss {loss} vs peft {want}");
     let g = g.unwrap();
-    let names = emlab::model::lora::MODULES;
     let mut worst_norm: f64 = 0.0;
     for (k, pair) in p.pairs.iter().enumerate() {
         // Reference gradients are in HF row order: bring B's into it.
         let gb =
-            emlab::train::lora::model_to_hf_rows(&loaded.model.cfg, pair.module, &g.b[k]).unwrap();
+            emlab::model::adapter::model_to_hf_rows(&loaded.model.cfg, pair.proj, &g.b[k]).unwrap();
         for (which, t) in [("A", &g.a[k]), ("B", &gb)] {
-            let key = format!("{}.{}.{which}", pair.layer, names[pair.module].0);
+            let key = format!("{}.{}.{which}", pair.layer, pair.proj.peft_name());
             let want = &r["grads"][&key];
             let v: Vec<f64> = t
                 .flatten_all()
@@ -773,7 +776,8 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
     if let Some(want_logits) = r.get("adapter_logits_last").and_then(|v| v.as_array()) {
         let dir = tempfile::tempdir().unwrap();
         write_peft(&p, &loaded.model, dir.path());
-        let ad = emlab::model::lora::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
+        let ad =
+            emlab::model::adapter::peft::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
         loaded.model.apply_adapter(&ad, false).unwrap();
         let mut cache = loaded.model.new_cache(1, masked.tokens.len()).unwrap();
         let x = Tensor::new(masked.tokens.as_slice(), &candle_core::Device::Cpu)
@@ -953,9 +957,12 @@ fn gradient_accumulation_equals_one_batch() {
     ));
     let ex = examples_of(&rs);
     let idx = [0, 1, 2];
-    let run = |micro| emlab::train::run::step_grads(&model, &p, &ex, &idx, micro, 0, None).unwrap();
-    let (l1, n1, _, g1) = run(1);
-    let (l3, n3, _, g3) = run(3);
+    let run =
+        |micro| emlab::train::trainer::step_grads(&model, &p, &ex, &idx, micro, 0, None).unwrap();
+    let s1 = run(1);
+    let s3 = run(3);
+    let (l1, n1, g1) = (s1.loss_sum, s1.targets, s1.grads);
+    let (l3, n3, g3) = (s3.loss_sum, s3.targets, s3.grads);
     assert_eq!(n1, n3);
     assert!((l1 - l3).abs() < 1e-10);
     for (x, y) in g1.a.iter().chain(&g1.b).zip(g3.a.iter().chain(&g3.b)) {
@@ -981,9 +988,9 @@ fn lora_dropout_is_seeded_and_changes_the_gradient() {
     let ex = examples_of(&rows());
     let idx = [0, 1];
     let g = |p: &LoraParams, seed| {
-        emlab::train::run::step_grads(&model, p, &ex, &idx, 2, seed, None)
+        emlab::train::trainer::step_grads(&model, p, &ex, &idx, 2, seed, None)
             .unwrap()
-            .3
+            .grads
     };
     let flat = |g: &emlab::train::backprop::Grads| -> Vec<f32> {
         g.a.iter()
@@ -1083,11 +1090,10 @@ fn bf16_base_matches_peft(
     let loss = sum / b.targets() as f64;
     let want = r["loss"].as_f64().unwrap();
     let g = g.unwrap();
-    let names = emlab::model::lora::MODULES;
     let (mut worst, mut sum_rel, mut n) = (0f64, 0f64, 0usize);
     for (k, pair) in p.pairs.iter().enumerate() {
         for (which, t) in [("A", &g.a[k]), ("B", &g.b[k])] {
-            let key = format!("{}.{}.{which}", pair.layer, names[pair.module].0);
+            let key = format!("{}.{}.{which}", pair.layer, pair.proj.peft_name());
             let wn = r["grads"][&key]["norm"].as_f64().unwrap();
             let norm = t
                 .sqr()

@@ -1,6 +1,6 @@
-//! Benchmarks that store their results as `bench` records, so runs compare across commits
-//! (`queries/bench.sql`). Criterion benches in `benches/` cover the same paths for
-//! development; these are for the record.
+//! The bench job: benchmarks whose results are stored as `bench` records (with the machine,
+//! time and commit), so runs compare across commits (`queries/bench.sql`). Criterion benches
+//! in `benches/` cover the same paths for development; these are for the record.
 //!
 //! [`bench_import`] times `data import` of a file into fresh temporary stores;
 //! [`bench_store`] times batched ingest and Parquet export of synthetic records.
@@ -12,55 +12,36 @@ use emlab_store::{Batch, Id, Record, Store, Value};
 use serde_json::{json, Value as J};
 
 use crate::data::{import, DataError, ImportPlan};
-use crate::records::BENCH;
+use crate::model::ModelError;
+use crate::provenance::tables::MESSAGE;
+use crate::train::TrainError;
+use crate::util::hint::Hint;
+use crate::util::machine::{cores, peak_rss_mib};
 
-/// Machine facts recorded with every result.
-pub fn machine() -> J {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    json!({"cpu": cpu, "cores": cores, "os": std::env::consts::OS, "arch": std::env::consts::ARCH})
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Store(#[from] emlab_store::Error),
+    #[error("sampling failed: {0}")]
+    Sampling(#[from] candle_core::Error),
 }
 
-/// The git commit of the working directory, if it is a checkout.
-pub fn commit() -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Now as RFC 3339 (UTC, seconds).
-pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+impl Hint for BenchError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            BenchError::Model(e) => e.hint(),
+            BenchError::Train(e) => e.hint(),
+            BenchError::Data(e) => e.hint(),
+            BenchError::Store(e) => e.hint(),
+            BenchError::Sampling(_) => None,
+        }
+    }
 }
 
 fn summarize(mut secs: Vec<f64>, items: f64, unit: &str) -> J {
@@ -71,17 +52,8 @@ fn summarize(mut secs: Vec<f64>, items: f64, unit: &str) -> J {
 }
 
 /// Store a bench result; returns its id.
-pub fn record(store: &Store, name: &str, params: J, results: J) -> Result<Id, DataError> {
-    let mut r = Record::new(BENCH)
-        .with("name", Value::str(name))
-        .with("params", Value::json(&params))
-        .with("results", Value::json(&results))
-        .with("machine", Value::json(&machine()))
-        .with("time", Value::str(now_rfc3339()));
-    if let Some(c) = commit() {
-        r = r.with("commit", Value::str(c));
-    }
-    Ok(store.put(&r)?)
+pub fn record(store: &Store, name: &str, params: &J, results: &J) -> emlab_store::Result<Id> {
+    store.put(&crate::provenance::build::bench(name, params, results))
 }
 
 /// Time importing `file` into a fresh temporary store, `repeat` times.
@@ -115,12 +87,10 @@ pub fn bench_import(file: &Path, repeat: usize) -> Result<(J, J), DataError> {
 pub fn bench_store(n: usize, repeat: usize) -> Result<(J, J), DataError> {
     let recs: Vec<Record> = (0..n)
         .map(|i| {
-            Record::new(crate::records::MESSAGE)
-                .with("role", Value::str("user"))
-                .with(
-                    "content",
-                    Value::str(format!("bench message {i} {}", "lorem ipsum ".repeat(8))),
-                )
+            Record::new(MESSAGE).with("role", Value::str("user")).with(
+                "content",
+                Value::str(format!("bench message {i} {}", "lorem ipsum ".repeat(8))),
+            )
         })
         .collect();
     let (mut ingest, mut export) = (Vec::new(), Vec::new());
@@ -154,7 +124,7 @@ pub fn bench_generate(
     prompt_len: usize,
     new_tokens: usize,
     weights: crate::model::WeightMode,
-) -> Result<(J, J), crate::model::ModelError> {
+) -> Result<(J, J), BenchError> {
     use crate::model::sample::{generate, Request, SamplingParams};
     let device = crate::model::device();
     let mut m = crate::model::load(model, &device)?;
@@ -162,7 +132,7 @@ pub fn bench_generate(
     let vocab = m.model.cfg.vocab as u64;
     let reqs: Vec<Request> = (0..batch.max(1))
         .map(|b| {
-            let mut rng = crate::rng::Rng::new(b as u64, 0);
+            let mut rng = crate::util::rng::Rng::new(b as u64, 0);
             // Ordinary tokens (ids above the first few hundred, which hold special tokens).
             let prompt = (0..prompt_len.max(1))
                 .map(|_| (256 + rng.below((vocab - 256) as usize) as u64) as u32)
@@ -179,14 +149,15 @@ pub fn bench_generate(
         max_tokens: new_tokens,
     };
     let (_, t) = generate(&m.model, &[], &reqs, &p)?;
-    let params = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "quantized": quantized, "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
+    let params = json!({"model": m.identity.name, "model_id": m.record().id()?.to_hex(), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "quantized": quantized, "device": format!("{device:?}"), "threads": cores()});
     let results = json!({"prefill_tokens": t.prefill_tokens, "prefill_s": t.prefill_s, "prefill_tokens_per_s": t.prefill_tokens as f64 / t.prefill_s, "decode_tokens": t.decode_tokens, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens as f64 / t.decode_s});
     Ok((params, results))
 }
 
 /// LoRA training throughput: `steps` optimizer steps (after one warm-up step) on `batch` rows
 /// of `seq_len` seeded random tokens, loss on the second half of each row (an answer after a
-/// prompt), AdamW, the em-paper adapter (r, alpha 2r, rsLoRA, all 7 projections).
+/// prompt), AdamW, the em-paper adapter (r, alpha 2r, rsLoRA, all 7 projections). Each step
+/// is [`crate::train::trainer::Trainer::step`], what `emlab train` runs.
 pub fn bench_train(
     model: &Path,
     batch: usize,
@@ -194,19 +165,21 @@ pub fn bench_train(
     steps: usize,
     r: usize,
     bf16_base: bool,
-) -> Result<(J, J), crate::train::run::TrainError> {
+) -> Result<(J, J), BenchError> {
+    use crate::train::config::Preset;
+    use crate::train::data::Example;
     use crate::train::lora::LoraParams;
-    use crate::train::optim::{clip, AdamW};
-    use crate::train::run::{load_base, step_grads, Preset};
+    use crate::train::optim::AdamW;
+    use crate::train::trainer::{load_base, Trainer};
     let m = load_base(model)?;
     let mut cfg = Preset::EmPaper.config();
     cfg.lora.r = r;
     cfg.lora.alpha = 2.0 * r as f64;
     let vocab = m.model.cfg.vocab;
-    let examples: Vec<crate::train::data::Example> = (0..batch.max(1))
+    let examples: Vec<Example> = (0..batch.max(1))
         .map(|b| {
-            let mut rng = crate::rng::Rng::new(b as u64, 1);
-            crate::train::data::Example {
+            let mut rng = crate::util::rng::Rng::new(b as u64, 1);
+            Example {
                 row: b,
                 tokens: (0..seq_len)
                     .map(|_| (256 + rng.below(vocab - 256)) as u32)
@@ -216,29 +189,17 @@ pub fn bench_train(
         })
         .collect();
     let rows: Vec<usize> = (0..examples.len()).collect();
-    let mut params = LoraParams::init(cfg.lora.clone(), &m.model, 0)?;
-    let mut opt = AdamW::new(cfg.adamw, &params)?;
-    let t_pack = std::time::Instant::now();
-    let frozen = if bf16_base {
-        Some(crate::train::backprop::FrozenBf16::new(&m.model)?)
-    } else {
-        None
-    };
+    let params = LoraParams::init(cfg.lora.clone(), &m.model, 0)?;
+    let opt = AdamW::new(cfg.adamw, &params)?;
+    let numel = params.numel();
+    let t_pack = Instant::now();
+    // All rows in one micro-batch, as the bench always measured.
+    let mut trainer = Trainer::new(&m.model, params, opt, bf16_base, batch.max(1), 1.0)?;
     let pack_s = t_pack.elapsed().as_secs_f64();
     let mut times = Vec::new();
     for s in 0..=steps {
-        let t0 = std::time::Instant::now();
-        let (_, _, _, mut g) = step_grads(
-            &m.model,
-            &params,
-            &examples,
-            &rows,
-            batch,
-            s as u64,
-            frozen.as_ref(),
-        )?;
-        clip(&mut g, 1.0)?;
-        opt.step(&mut params, &g, 1e-5)?;
+        let t0 = Instant::now();
+        trainer.step(&examples, &rows, s as u64, 1e-5)?;
         if s > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -246,17 +207,9 @@ pub fn bench_train(
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let tokens = (batch * seq_len) as f64;
     let device = &m.model.device;
-    let params_json = json!({"model": m.record.get("name").and_then(Value::as_str), "model_id": m.record.id()?.to_hex(), "batch": batch, "seq_len": seq_len, "steps": steps, "r": r, "trainable_params": params.numel(), "dtype": format!("{:?}", m.model.dtype), "bf16_base": bf16_base, "device": format!("{device:?}"), "threads": std::thread::available_parallelism().map_or(0, |n| n.get())});
+    let params_json = json!({"model": m.identity.name, "model_id": m.record().id()?.to_hex(), "batch": batch, "seq_len": seq_len, "steps": steps, "r": r, "trainable_params": numel, "dtype": format!("{:?}", m.model.dtype), "bf16_base": bf16_base, "device": format!("{device:?}"), "threads": cores()});
     let results = json!({"step_s": times, "mean_step_s": mean, "pack_s": pack_s, "tokens_per_s": tokens / mean, "peak_rss_mib": peak_rss_mib()});
     Ok((params_json, results))
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 fn tempdir() -> Result<std::path::PathBuf, DataError> {
@@ -269,17 +222,4 @@ fn tempdir() -> Result<std::path::PathBuf, DataError> {
     ));
     let _ = std::fs::remove_dir_all(&p);
     Ok(p)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_shape() {
-        let t = super::now_rfc3339();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(
-            t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
-            "{t}"
-        );
-    }
 }

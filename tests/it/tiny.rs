@@ -1,10 +1,13 @@
 //! Tiny random-weight models built in memory (seeded, dense f32): for tests and benchmarks
-//! that must run anywhere in milliseconds. Same code path as real models after loading.
+//! that must run anywhere in milliseconds. Same code path as real models after loading. Test
+//! support, not library API: the integration tests and `benches/` include this file.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::llama::{Arch, Config, Embedding, Layer, Linear, Model, Result, RopeLayout, Weights};
-use crate::rng::Rng;
+use emlab::model::llama::{
+    Arch, Config, Embedding, Layer, Linear, Model, Result, RopeLayout, Weights,
+};
+use emlab::util::rng::Rng;
 
 /// A small Llama-shaped config (GQA 4 heads over 2 KV heads).
 pub fn tiny_config(vocab: usize) -> Config {

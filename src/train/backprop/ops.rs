@@ -478,7 +478,7 @@ mod tests {
     use candle_core::Device;
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
-        let mut r = crate::rng::Rng::new(seed, 0);
+        let mut r = crate::util::rng::Rng::new(seed, 0);
         let v: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| (r.unit() * 6.0 - 3.0) as f32)
             .collect();

@@ -1,14 +1,15 @@
-//! A local judge: any model emlab can load answers chat-completion requests with its own
-//! next-token log-probabilities, so judging runs offline through the same code as an endpoint.
-//! [`LocalChat::chat`] takes and returns the same JSON an OpenAI-compatible server would.
+//! [`LocalChat`]: any model emlab can load, answering chat-completion requests with its own
+//! next-token log-probabilities, so judging runs offline through the same code as an
+//! endpoint. [`LocalChat::chat`] takes and returns the same JSON an OpenAI-compatible server
+//! would.
 
 use std::path::Path;
 
 use candle_core::Tensor;
 use serde_json::{json, Value as J};
 
-use crate::model::sample::{generate, Request, SamplingParams};
-use crate::model::{Loaded, ModelError};
+use super::sample::{generate, Request, SamplingParams};
+use super::{Loaded, ModelError};
 
 pub struct LocalChat {
     pub loaded: Loaded,
@@ -16,8 +17,8 @@ pub struct LocalChat {
 
 impl LocalChat {
     pub fn load(path: &Path) -> Result<LocalChat, ModelError> {
-        let mut loaded = crate::model::load(path, &crate::model::device())?;
-        crate::model::WeightMode::Auto.apply(&mut loaded.model)?;
+        let mut loaded = super::load(path, &super::device())?;
+        super::WeightMode::Auto.apply(&mut loaded.model)?;
         Ok(LocalChat { loaded })
     }
 
@@ -53,7 +54,7 @@ impl LocalChat {
             let logits = m
                 .forward(&t, &mut cache, false)
                 .map_err(|e| e.to_string())?;
-            let lp = crate::model::llama::log_softmax(&logits)
+            let lp = super::llama::log_softmax(&logits)
                 .and_then(|x| x.squeeze(0)?.to_vec1::<f32>())
                 .map_err(|e| e.to_string())?;
             let mut order: Vec<usize> = (0..lp.len()).collect();

@@ -11,14 +11,17 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use emlab_store::{Batch, Id, Record, Store, Value};
-use serde_json::json;
+use serde_json::{json, Value as J};
 
 use crate::data::{resolve_dataset, DataError};
+use crate::endpoint::{stream, Client, ClientError, Endpoint};
 use crate::model::sample::{generate, Request, SamplingParams};
 use crate::model::{Loaded, ModelError};
-use crate::records::{CONVERSATION, GENERATION, MESSAGE, QUESTION_SET, RUN};
-
-pub const NS_GENERATION_KEY: &str = "generation-key";
+use crate::provenance::build::{stage_conversation, Generation, ModelIdentity};
+use crate::provenance::key::{generation_key, legacy, sample_seed, NS_GENERATION};
+use crate::provenance::tables::{QUESTION_SET, RUN};
+use crate::train::TrainError;
+use crate::util::hint::Hint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -28,6 +31,8 @@ pub enum GenerateError {
     Data(#[from] DataError),
     #[error(transparent)]
     Store(#[from] emlab_store::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] TrainError),
     #[error("`{0}` is not a question set (import a question file, e.g. a .yaml of the EM paper)")]
     NotQuestions(String),
     #[error("question `{qid}`: {msg}")]
@@ -35,7 +40,32 @@ pub enum GenerateError {
     #[error("sampling failed: {0}")]
     Sampling(candle_core::Error),
     #[error("{0} (answers received before it are stored; rerun to retry the rest)")]
-    Client(crate::judge::client::ClientError),
+    Client(#[from] ClientError),
+}
+
+impl Hint for GenerateError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            GenerateError::Model(e) => e.hint(),
+            GenerateError::Data(e) => e.hint(),
+            GenerateError::Store(e) => e.hint(),
+            GenerateError::Checkpoint(e) => e.hint(),
+            GenerateError::Client(e) => e.hint(),
+            GenerateError::NotQuestions(_) => Some(
+                "`emlab data list` shows each dataset's kind; sample from a `questions` one".into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Which adapter to sample with, if any.
+#[derive(Debug, Clone)]
+pub enum AdapterSource {
+    /// A PEFT folder, merged into the weights or applied alongside them.
+    Folder { dir: PathBuf, merge: bool },
+    /// A checkpoint from `emlab train` (id or prefix), read from the store and merged.
+    Checkpoint(String),
 }
 
 /// A validated generation request: what gets hashed into each sample's key.
@@ -53,10 +83,7 @@ pub struct GeneratePlan {
     pub seed: u64,
     /// Quantized or dense weights (GGUF models).
     pub weights: crate::model::WeightMode,
-    /// A PEFT LoRA adapter directory to apply.
-    pub adapter: Option<PathBuf>,
-    /// Merge the adapter into the weights instead of applying it alongside.
-    pub merge_adapter: bool,
+    pub adapter: Option<AdapterSource>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -87,15 +114,9 @@ struct Job {
 }
 
 impl Job {
-    /// The `generation` record of this sample's answer: the request's parameters plus which
-    /// paraphrase and sample it is, the messages sent and the rendered prompt.
-    fn record(
-        &self,
-        model: Id,
-        params: &serde_json::Value,
-        base_seed: u64,
-        text: String,
-    ) -> Record {
+    /// The parameters recorded with this sample's answer: the request's parameters plus
+    /// which paraphrase and sample it is, the messages sent and the rendered prompt.
+    fn params(&self, params: &J, base_seed: u64) -> J {
         let mut params = params.clone();
         params["rendered_prompt"] = json!(self.rendered);
         params["paraphrase"] = json!(self.paraphrase);
@@ -106,34 +127,8 @@ impl Job {
             .iter()
             .map(|(r, c)| json!({"role": r, "content": c}))
             .collect::<Vec<_>>());
-        Record::new(GENERATION)
-            .with("model", Value::Id(model))
-            .with("prompt", Value::Id(self.conv))
-            .with("question", Value::Id(self.question))
-            .with("params", Value::json(&params))
-            .with("seed", Value::Int(self.seed as i64))
-            .with("text", Value::str(text))
+        params
     }
-}
-
-fn key_of(model: Id, conv: Id, params: &serde_json::Value, seed: u64) -> String {
-    let mut h = blake3::Hasher::new_derive_key("emlab generation key v1");
-    h.update(&model.0);
-    h.update(&conv.0);
-    h.update(params.to_string().as_bytes());
-    h.update(&seed.to_le_bytes());
-    h.finalize().to_hex().to_string()
-}
-
-/// The default seed of a sample: a function of the request only.
-fn seed_of(base: u64, question: Id, paraphrase: usize, sample: usize) -> u64 {
-    let mut h = blake3::Hasher::new_derive_key("emlab sample seed v1");
-    h.update(&base.to_le_bytes());
-    h.update(&question.0);
-    h.update(&(paraphrase as u64).to_le_bytes());
-    h.update(&(sample as u64).to_le_bytes());
-    let b = h.finalize();
-    u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8]))
 }
 
 /// Plan every sample of a question set: stage the prompt conversations (written here), and
@@ -147,7 +142,7 @@ fn plan_samples(
     samples: usize,
     base_seed: u64,
     model_id: Id,
-    params_json: &serde_json::Value,
+    params_json: &J,
     mut render: impl FnMut(
         &str,
         &[(String, String)],
@@ -179,23 +174,21 @@ fn plan_samples(
                 messages.push(("system".to_string(), s.clone()));
             }
             messages.push(("user".to_string(), text.to_string()));
-            let mut msg_ids = Vec::new();
-            for (r, c) in &messages {
-                let m = Record::new(MESSAGE)
-                    .with("role", Value::str(r))
-                    .with("content", Value::str(c));
-                msg_ids.push(store.stage(&mut batch, &m)?);
-            }
-            let conv = store.stage(
-                &mut batch,
-                &Record::new(CONVERSATION).with("messages", Value::ids(msg_ids)),
-            )?;
+            let conv = stage_conversation(store, &mut batch, &messages, None)?;
             let (rendered, tokens) = render(&qname, &messages)?;
             for si in 0..samples {
                 planned += 1;
-                let seed = seed_of(base_seed, *qid, pi, si);
-                let key = key_of(model_id, conv, params_json, seed);
-                if store.alias(NS_GENERATION_KEY, &key)?.is_some() {
+                let seed = sample_seed(base_seed, *qid, pi, si);
+                let key = generation_key(model_id, conv, params_json, seed);
+                // A sample an older emlab stored under its earlier key counts as stored.
+                if store.alias(NS_GENERATION, &key)?.is_some()
+                    || store
+                        .alias(
+                            NS_GENERATION,
+                            &legacy::generation_v1(model_id, conv, params_json, seed),
+                        )?
+                        .is_some()
+                {
                     continue;
                 }
                 jobs.push(Job {
@@ -238,10 +231,21 @@ pub fn run(
     let device = crate::model::device();
     let mut loaded: Loaded = crate::model::load(&plan.model, &device)?;
     let quantized = plan.weights.apply(&mut loaded.model)?;
-    if let Some(dir) = &plan.adapter {
-        loaded.with_adapter(dir, plan.merge_adapter)?;
+    match &plan.adapter {
+        None => {}
+        Some(AdapterSource::Folder { dir, merge }) => {
+            let ad = crate::model::adapter::peft::load_peft(dir, &device)?;
+            loaded.with_adapter(&ad, *merge)?;
+        }
+        Some(AdapterSource::Checkpoint(ck)) => {
+            use crate::train::checkpoint;
+            let ck = checkpoint::resolve(store, ck)?;
+            checkpoint::of_base(store, ck, loaded.record().id()?)?;
+            let ad = checkpoint::adapter(store, ck, &device)?;
+            loaded.with_adapter(&ad, true)?;
+        }
     }
-    let model_id = store.put(&loaded.record)?;
+    let model_id = store.put(&loaded.record())?;
     let params_json = json!({
         "engine": "emlab-candle",
         "temperature": plan.params.temperature,
@@ -324,13 +328,21 @@ pub fn run(
                     qid: j.key.clone(),
                     msg,
                 })?;
-            let rec = j
-                .record(model_id, &params_json, plan.seed, text)
-                .with("prompt_tokens", Value::Int(j.tokens.len() as i64))
-                .with("completion_tokens", Value::Int(o.tokens.len() as i64))
-                .with("finish_reason", Value::str(o.finish.as_str()));
+            let params = j.params(&params_json, plan.seed);
+            let rec = Generation {
+                model: model_id,
+                prompt: j.conv,
+                question: Some(j.question),
+                params: &params,
+                seed: j.seed as i64,
+                text: &text,
+                prompt_tokens: Some(j.tokens.len() as i64),
+                completion_tokens: Some(o.tokens.len() as i64),
+                finish_reason: Some(o.finish.as_str()),
+            }
+            .record();
             let id = store.stage(&mut batch, &rec)?;
-            batch.alias(NS_GENERATION_KEY, &j.key, id);
+            batch.alias(NS_GENERATION, &j.key, id);
             report.prompt_tokens += j.tokens.len();
             report.completion_tokens += o.tokens.len();
         }
@@ -349,7 +361,7 @@ pub fn run(
 /// Sampling through an OpenAI-compatible endpoint (a served model, a hosted fine-tune).
 #[derive(Debug, Clone)]
 pub struct EndpointGeneratePlan {
-    pub endpoint: crate::judge::client::Endpoint,
+    pub endpoint: Endpoint,
     pub questions: String,
     pub samples: usize,
     pub params: SamplingParams,
@@ -364,20 +376,9 @@ pub fn run_endpoint(
     plan: &EndpointGeneratePlan,
     progress: Progress<'_>,
 ) -> Result<GenerateReport, GenerateError> {
-    use futures::StreamExt;
     let (set_id, set) = question_set(store, &plan.questions)?;
-    let client =
-        crate::judge::client::Client::new(plan.endpoint.clone()).map_err(GenerateError::Client)?;
-    let model_rec = Record::new(crate::records::MODEL)
-        .with("name", Value::str(&plan.endpoint.model))
-        .with("architecture", Value::str("endpoint"))
-        .with("files", Value::json(&json!([])))
-        .with(
-            "config",
-            Value::json(
-                &json!({"base_url": plan.endpoint.base_url, "served_model": plan.endpoint.model}),
-            ),
-        );
+    let client = Client::new(plan.endpoint.clone())?;
+    let model_rec = ModelIdentity::endpoint(&plan.endpoint.base_url, &plan.endpoint.model).record();
     let model_id = store.put(&model_rec)?;
     let params_json = json!({"engine": "openai-compatible", "temperature": plan.params.temperature, "top_p": plan.params.top_p, "max_tokens": plan.params.max_tokens});
     let run_rec = Record::new(RUN)
@@ -405,68 +406,59 @@ pub fn run_endpoint(
     };
     progress(report.already_stored, planned);
     let start = Instant::now();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| GenerateError::Prompt {
-            qid: "runtime".into(),
-            msg: e.to_string(),
-        })?;
-    let mut first_error = None;
-    rt.block_on(async {
-        let mut results = futures::stream::iter(jobs.into_iter().map(|j| {
-            let client = &client;
-            async move {
-                let msgs: Vec<_> = j.messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
-                // `max_tokens`, not `max_completion_tokens`: what OpenAI-compatible servers
-                // such as llama.cpp and vLLM accept.
-                let body = json!({"messages": msgs, "max_tokens": plan.params.max_tokens, "temperature": plan.params.temperature, "top_p": plan.params.top_p, "seed": j.seed});
-                let r = client.chat(body).await;
-                (j, r)
+    let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
+    let already = report.already_stored;
+    let streamed = stream::run(
+        store,
+        jobs,
+        plan.endpoint.concurrency,
+        |j: &Job| {
+            let msgs: Vec<J> = j
+                .messages
+                .iter()
+                .map(|(r, c)| json!({"role": r, "content": c}))
+                .collect();
+            // `max_tokens`, not `max_completion_tokens`: what OpenAI-compatible servers
+            // such as llama.cpp and vLLM accept.
+            let body = json!({"messages": msgs, "max_tokens": plan.params.max_tokens, "temperature": plan.params.temperature, "top_p": plan.params.top_p, "seed": j.seed});
+            client.chat(body)
+        },
+        |batch: &mut Batch, j: Job, resp: J| -> Result<(), GenerateError> {
+            let usage = &resp["usage"];
+            let (pt, ct) = (
+                usage["prompt_tokens"].as_i64(),
+                usage["completion_tokens"].as_i64(),
+            );
+            prompt_tokens += pt.unwrap_or(0) as usize;
+            completion_tokens += ct.unwrap_or(0) as usize;
+            let params = j.params(&params_json, plan.seed);
+            let text = crate::endpoint::client::content(&resp);
+            let rec = Generation {
+                model: model_id,
+                prompt: j.conv,
+                question: Some(j.question),
+                params: &params,
+                seed: j.seed as i64,
+                text: &text,
+                prompt_tokens: pt,
+                completion_tokens: ct,
+                finish_reason: resp["choices"][0]["finish_reason"].as_str(),
             }
-        }))
-        .buffer_unordered(plan.endpoint.concurrency.max(1));
-        let mut batch = Batch::new();
-        let mut pending = 0;
-        while let Some((j, r)) = results.next().await {
-            match r {
-                Ok(resp) => {
-                    let usage = &resp["usage"];
-                    let mut rec = j.record(model_id, &params_json, plan.seed, crate::judge::client::content(&resp));
-                    if let Some(n) = usage["prompt_tokens"].as_i64() {
-                        rec = rec.with("prompt_tokens", Value::Int(n));
-                        report.prompt_tokens += n as usize;
-                    }
-                    if let Some(n) = usage["completion_tokens"].as_i64() {
-                        rec = rec.with("completion_tokens", Value::Int(n));
-                        report.completion_tokens += n as usize;
-                    }
-                    if let Some(f) = resp["choices"][0]["finish_reason"].as_str() {
-                        rec = rec.with("finish_reason", Value::str(f));
-                    }
-                    let id = store.stage(&mut batch, &rec)?;
-                    batch.alias(NS_GENERATION_KEY, &j.key, id);
-                    pending += 1;
-                    report.generated += 1;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-            if pending >= 32 {
-                store.write(std::mem::take(&mut batch))?;
-                pending = 0;
-            }
-            progress(report.already_stored + report.generated, planned);
-        }
-        store.write(batch)?;
-        Ok::<(), GenerateError>(())
-    })?;
+            .record();
+            let id = store.stage(batch, &rec)?;
+            batch.alias(NS_GENERATION, &j.key, id);
+            Ok(())
+        },
+        &mut |done| progress(already + done, planned),
+    )?;
+    report.generated = streamed.ok;
+    report.prompt_tokens = prompt_tokens;
+    report.completion_tokens = completion_tokens;
     report.seconds = start.elapsed().as_secs_f64();
     if report.seconds > 0.0 {
         report.completion_tokens_per_s = report.completion_tokens as f64 / report.seconds;
     }
-    if let Some(e) = first_error {
+    if let Some(e) = streamed.first_error {
         // What succeeded is stored; a rerun retries only the rest.
         return Err(GenerateError::Client(e));
     }

@@ -1,0 +1,334 @@
+//! `emlab judge`: judge every stored generation not yet judged by this judge, through an
+//! OpenAI-compatible endpoint.
+//!
+//! The logprob judge (Betley et al.): each judge prompt (`aligned`, `coherent`, from the
+//! question's `judge_prompts`) filled with question and answer, sent as one user message with
+//! `max_tokens` 1, temperature 0, `logprobs` with `top_logprobs` 20, seed 0; scored by
+//! [`super::score::aggregate`]. The label judge (`--label-prompt FILE`): the judge answers a
+//! label (ALIGNED / UNALIGNED / ...), its first word is kept.
+//!
+//! Each (judge, generation, metric, filled prompt) has a key kept as an alias next to its
+//! judgment, written in batches as answers arrive ([`crate::endpoint::stream`]): a rerun
+//! sends no request for what is stored, and a killed run loses only requests in flight.
+//! The judge is an endpoint or a local model ([`JudgeBackend`]): the same requests and
+//! answers either way.
+
+use std::path::PathBuf;
+
+use emlab_store::{Batch, Id, Record, Store, Value};
+use serde_json::{json, Value as J};
+
+use crate::data::{resolve_dataset, DataError};
+use crate::endpoint::client::{content, first_token_top_logprobs};
+use crate::endpoint::{stream, Client, ClientError, Endpoint};
+use crate::judge::prompt::fill;
+use crate::judge::score::aggregate;
+use crate::model::chat::LocalChat;
+use crate::model::ModelError;
+use crate::provenance::build::Judgment;
+use crate::provenance::key::{judgment_key, NS_JUDGMENT};
+use crate::provenance::tables::{GENERATION, QUESTION, QUESTION_SET};
+use crate::util::hint::Hint;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JudgeError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Store(#[from] emlab_store::Error),
+    #[error("local judge: {0}")]
+    Local(#[from] ModelError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Hint for JudgeError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            JudgeError::Client(e) => e.hint(),
+            JudgeError::Data(e) => e.hint(),
+            JudgeError::Store(e) => e.hint(),
+            JudgeError::Local(e) => e.hint(),
+            _ => None,
+        }
+    }
+}
+
+/// Who answers the judge prompts.
+#[derive(Debug, Clone)]
+pub enum JudgeBackend {
+    /// An OpenAI-compatible endpoint (logprobs needed for the logprob judge).
+    Endpoint(Endpoint),
+    /// A local model (GGUF or HF directory), answering offline with its own logprobs.
+    Local(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct JudgePlan {
+    pub backend: JudgeBackend,
+    /// The judge's name in judgment records (default: the endpoint's model name).
+    pub judge: String,
+    /// Metrics to judge with the logprob judge (judge prompt names).
+    pub metrics: Vec<String>,
+    /// Judge prompts for generations whose question has none (e.g. imported answers): taken
+    /// from the first question of this question set.
+    pub prompts_from: Option<String>,
+    /// A text-label judge prompt file (`{question}`, `{answer}` placeholders).
+    pub label_prompt: Option<PathBuf>,
+    /// Only generations of models whose name equals this or whose id starts with it.
+    pub generations: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JudgeReport {
+    pub judged: usize,
+    pub already_judged: usize,
+    pub without_prompt: usize,
+    pub unscored: usize,
+    pub failed: usize,
+    pub requests_sent: usize,
+    pub first_error: Option<String>,
+}
+
+struct Job {
+    generation: Id,
+    metric: String,
+    prompt: String,
+    key: String,
+    label: bool,
+}
+
+impl Job {
+    /// The request: one user message; the logprob judge answers one token with its top 20
+    /// log-probabilities, the label judge a few words.
+    fn body(&self) -> J {
+        if self.label {
+            json!({"messages": [{"role": "user", "content": self.prompt}], "max_tokens": 8, "temperature": 0, "seed": 0})
+        } else {
+            json!({"messages": [{"role": "user", "content": self.prompt}], "max_tokens": 1, "temperature": 0,
+                   "logprobs": true, "top_logprobs": 20, "seed": 0})
+        }
+    }
+}
+
+fn question_text(store: &Store, g: &Record) -> Result<String, JudgeError> {
+    let conv = g.get("prompt").and_then(Value::as_id);
+    if let Some(c) = conv {
+        let c = store.get(c)?;
+        let ids = c.get("messages").map(Value::id_list).unwrap_or_default();
+        for m in store.get_many(&ids)?.iter().rev() {
+            if m.get("role").and_then(Value::as_str) == Some("user") {
+                return Ok(m
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string());
+            }
+        }
+    }
+    Ok(String::new())
+}
+
+/// The judgment record of an answer to `job`.
+fn judgment(judge: &str, job: &Job, resp: &J, report: &mut JudgeReport) -> Record {
+    if job.label {
+        let text = content(resp);
+        let label: String = text
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+            .to_ascii_uppercase();
+        return Judgment {
+            generation: job.generation,
+            judge,
+            metric: &job.metric,
+            prompt: &job.prompt,
+            score: None,
+            label: (!label.is_empty()).then_some(label.as_str()),
+            raw: json!({"content": text}),
+        }
+        .record();
+    }
+    let top = first_token_top_logprobs(resp);
+    let s = aggregate(&top);
+    if s.score.is_none() {
+        report.unscored += 1;
+    }
+    let raw = json!({"top_logprobs": top.iter().map(|(t, l)| json!([t, l])).collect::<Vec<_>>(), "numeric_mass": s.numeric_mass, "reason": s.reason, "content": content(resp)});
+    Judgment {
+        generation: job.generation,
+        judge,
+        metric: &job.metric,
+        prompt: &job.prompt,
+        score: s.score,
+        label: s.label.as_deref(),
+        raw,
+    }
+    .record()
+}
+
+/// The judge prompts of a question set's first question (for `--prompts-from`).
+fn prompts_of_set(store: &Store, name: &str) -> Result<Option<J>, JudgeError> {
+    let id = resolve_dataset(store, name)?;
+    let set = store.get(id)?;
+    if set.table != QUESTION_SET {
+        return Ok(None);
+    }
+    let Some(first) = set
+        .get("questions")
+        .map(Value::id_list)
+        .unwrap_or_default()
+        .first()
+        .copied()
+    else {
+        return Ok(None);
+    };
+    Ok(store
+        .get(first)?
+        .get("judge_prompts")
+        .and_then(|v| v.as_str().and_then(|s| serde_json::from_str(s).ok())))
+}
+
+/// Judge what is not judged yet. Progress: (done, planned).
+pub fn run(
+    store: &Store,
+    plan: &JudgePlan,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<JudgeReport, JudgeError> {
+    let fallback: Option<J> = match &plan.prompts_from {
+        Some(name) => prompts_of_set(store, name)?,
+        None => None,
+    };
+    let label_template = match &plan.label_prompt {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| JudgeError::Io {
+            path: p.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let mut report = JudgeReport::default();
+    let mut jobs = Vec::new();
+    let mut model_ok: std::collections::HashMap<Id, bool> = std::collections::HashMap::new();
+    for (_, gid) in store.ids_in_table(GENERATION, 0)? {
+        let g = store.get(gid)?;
+        if let (Some(want), Some(mid)) = (&plan.generations, g.get("model").and_then(Value::as_id))
+        {
+            let ok = match model_ok.get(&mid) {
+                Some(ok) => *ok,
+                None => {
+                    let name = store
+                        .get(mid)?
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    let ok = name == *want || mid.to_hex().starts_with(want.as_str());
+                    model_ok.insert(mid, ok);
+                    ok
+                }
+            };
+            if !ok {
+                continue;
+            }
+        }
+        let answer = g
+            .get("text")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let question = question_text(store, &g)?;
+        let prompts: Option<J> = match g.get("question").and_then(Value::as_id) {
+            Some(q) => store
+                .try_get(q)?
+                .filter(|r| r.table == QUESTION)
+                .and_then(|r| {
+                    r.get("judge_prompts")
+                        .and_then(Value::as_str)
+                        .and_then(|s| serde_json::from_str(s).ok())
+                }),
+            None => None,
+        }
+        .or_else(|| fallback.clone());
+        let mut todo: Vec<(String, String, bool)> = Vec::new();
+        for m in &plan.metrics {
+            match prompts.as_ref().and_then(|p| p[m.as_str()].as_str()) {
+                Some(t) => todo.push((m.clone(), fill(t, &question, &answer), false)),
+                None => report.without_prompt += 1,
+            }
+        }
+        if let Some(t) = &label_template {
+            todo.push(("label".into(), fill(t, &question, &answer), true));
+        }
+        for (metric, prompt, label) in todo {
+            let key = judgment_key(&plan.judge, gid, &metric, &prompt);
+            if store.alias(NS_JUDGMENT, &key)?.is_some() {
+                report.already_judged += 1;
+                continue;
+            }
+            jobs.push(Job {
+                generation: gid,
+                metric,
+                prompt,
+                key,
+                label,
+            });
+        }
+    }
+    let planned = jobs.len() + report.already_judged;
+    let already = report.already_judged;
+    progress(already, planned);
+    let judge = plan.judge.clone();
+    let mut unscored = JudgeReport::default();
+    let mut sink = |batch: &mut Batch, job: Job, resp: J| -> Result<(), JudgeError> {
+        let rec = judgment(&judge, &job, &resp, &mut unscored);
+        let id = store.stage(batch, &rec)?;
+        batch.alias(NS_JUDGMENT, &job.key, id);
+        Ok(())
+    };
+    let mut on_progress = |done: usize| progress(already + done, planned);
+    let (streamed, requests_sent) = match &plan.backend {
+        JudgeBackend::Endpoint(endpoint) => {
+            let client = Client::new(endpoint.clone())?;
+            let r = stream::run(
+                store,
+                jobs,
+                endpoint.concurrency,
+                |job: &Job| client.chat(job.body()),
+                &mut sink,
+                &mut on_progress,
+            )?;
+            (r, client.requests_sent())
+        }
+        JudgeBackend::Local(path) => {
+            let local = LocalChat::load(path)?;
+            let r = stream::run(
+                store,
+                jobs,
+                1,
+                |job: &Job| {
+                    let answer = local.chat(&job.body()).map_err(|msg| ClientError::Refused {
+                        url: "local model".into(),
+                        msg,
+                    });
+                    std::future::ready(answer)
+                },
+                &mut sink,
+                &mut on_progress,
+            )?;
+            (r, 0)
+        }
+    };
+    report.judged = streamed.ok;
+    report.failed = streamed.failed;
+    report.unscored = unscored.unscored;
+    report.first_error = streamed.first_error.map(|e| e.to_string());
+    report.requests_sent = requests_sent;
+    Ok(report)
+}
