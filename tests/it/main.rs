@@ -4,6 +4,7 @@
 mod util;
 
 
+mod compat;
 mod crash;
 mod datasets;
 mod endpoint;
