@@ -281,7 +281,10 @@ mod tests {
     #[test]
     fn products_match_the_rounded_inputs() {
         if !available() {
-            return;
+            return crate::testing::skip(
+                "kernels::bf16::products_match_the_rounded_inputs",
+                "no AVX-512 BF16 on this CPU",
+            );
         }
         for &(m, k, n) in &[(1, 2, 1), (13, 37, 45), (25, 600, 70), (12, 513, 32)] {
             let a = lcg(1, m * k);

@@ -1,7 +1,10 @@
 //! CPU kernels for emlab: matrix products on GGML-quantized weights (the blocks of a GGUF
-//! file), used for sampling.
+//! file) and causal attention over a KV cache for sampling ([`attn`]); for training, causal
+//! attention forward and backward ([`attn_train`]), bf16 products with f32 accumulation
+//! ([`bf16`]), the low-rank adapter share ([`lowrank`]) and SIMD `exp` ([`vmath`]).
+//! [`testing`] lets tests of paths this CPU lacks report themselves skipped.
 //!
-//! Why emlab owns these instead of using Candle's `QMatMul`:
+//! Why emlab owns the quantized products instead of using Candle's `QMatMul`:
 //! - **Batch invariance.** Every output element is computed by the same instruction sequence
 //!   whatever the number of rows in the batch and whatever the thread split, so a prompt's
 //!   logits are bit-identical alone or padded into a batch of 16. Candle 0.11's quantized CPU
@@ -21,6 +24,7 @@ pub mod attn;
 pub mod attn_train;
 pub mod bf16;
 pub mod lowrank;
+pub mod testing;
 pub mod vmath;
 
 use half::f16;

@@ -178,7 +178,10 @@ fn simd_and_scalar_agree() {
 #[test]
 fn vnni_and_avx2_give_the_same_bits() {
     if Kernel::detect() != Kernel::Vnni {
-        return;
+        return crate::testing::skip(
+            "kernels::vnni_and_avx2_give_the_same_bits",
+            "no AVX-512 VNNI on this CPU",
+        );
     }
     let cols = 192;
     for ty in TYPES {

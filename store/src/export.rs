@@ -23,7 +23,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result};
 use crate::record::{ColType, Id, Record, TableDef, Value};
-use crate::store::{write_atomic, Store};
+use crate::store::{rename_durably, write_atomic, Store};
 
 const STATE_FILE: &str = "_emlab_export.json";
 const CHUNK: usize = 16_384;
@@ -92,7 +92,7 @@ pub fn export(store: &Store, out: &Path) -> Result<ExportReport> {
         let file = part_dir.join("data.parquet");
         let tmp = part_dir.join(".data.parquet.tmp");
         write_parquet(store, def, &ids, &tmp)?;
-        fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;
+        rename_durably(&tmp, &file)?;
         report.rows.insert(def.name.to_string(), ids.len() as u64);
         report.files.push(file.display().to_string());
         if let Some((s, _)) = ids.last() {
@@ -145,7 +145,7 @@ fn write_aliases(store: &Store, out: &Path) -> Result<()> {
     let file = w.into_inner().map_err(|e| err(e.to_string()))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     let dest = dir.join("data.parquet");
-    fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))
+    rename_durably(&tmp, &dest)
 }
 
 fn write_parquet(store: &Store, def: &TableDef, ids: &[(u64, Id)], path: &Path) -> Result<()> {

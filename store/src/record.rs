@@ -698,19 +698,46 @@ mod tests {
             prop_assert_eq!(back.encode().unwrap(), bytes);
         }
 
+        /// The id depends on content, not on how the record was put together: fields added
+        /// in any order, and JSON objects whose keys were inserted in any order, give one id.
+        /// (This fails if fields kept insertion order, or if a dependency turned on
+        /// serde_json's `preserve_order`.) Any change of content gives another id.
         #[test]
-        fn id_is_stable_and_order_free(r in record()) {
+        fn id_depends_on_content_not_on_construction_order(
+            r in record(),
+            perm in any::<u64>(),
+            keys in prop::collection::btree_map("[a-z]{1,6}", any::<i32>(), 1..6),
+        ) {
             let id = r.id().unwrap();
-            // Re-inserting the fields in reverse order gives the same record and id.
-            let mut fields = BTreeMap::new();
-            for (k, v) in r.fields.iter().rev() {
-                fields.insert(k.clone(), v.clone());
+            // The fields, set one by one in a shuffled order.
+            let mut order: Vec<(&String, &Value)> = r.fields.iter().collect();
+            let n = order.len().max(1) as u64;
+            order.rotate_left((perm % n) as usize);
+            if perm % 2 == 1 {
+                order.reverse();
             }
-            let again = Record { table: r.table.clone(), fields };
+            let mut again = Record::new(&r.table);
+            for (k, v) in order {
+                again = again.with(k, v.clone());
+            }
             prop_assert_eq!(again.id().unwrap(), id);
-            // A different table name never collides.
+
+            // A JSON value built from its keys in two different insertion orders.
+            let build = |rev: bool| {
+                let mut m = serde_json::Map::new();
+                let kv: Vec<_> = if rev { keys.iter().rev().collect() } else { keys.iter().collect() };
+                for (k, v) in kv {
+                    m.insert(k.clone(), serde_json::json!(v));
+                }
+                Record::new("t").with("j", Value::json(&serde_json::Value::Object(m)))
+            };
+            prop_assert_eq!(build(false).id().unwrap(), build(true).id().unwrap());
+
+            // A different table name or a changed field is another record.
             let other = Record { table: format!("{}x", r.table), fields: r.fields.clone() };
             prop_assert_ne!(other.id().unwrap(), id);
+            let changed = r.clone().with("Z", Value::Int(1)); // not a generated name
+            prop_assert_ne!(changed.id().unwrap(), id);
         }
     }
 }

@@ -467,12 +467,13 @@ impl Store {
         self.place(&tmp, path)
     }
 
-    /// Rename a finished temp file into place (a blob is never visible half-written).
+    /// Rename a finished temp file into place (a blob is never visible half-written), and
+    /// sync the directory so the rename survives a power loss.
     fn place(&self, tmp: &Path, path: &Path) -> Result<()> {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        fs::rename(tmp, path).map_err(|e| Error::io(path, e))
+        rename_durably(tmp, path)
     }
 
     pub(crate) fn tmp_path(&self, what: &str) -> PathBuf {
@@ -534,7 +535,7 @@ fn open_db(path: &Path) -> Result<Database> {
     }
 }
 
-/// Write a small file atomically: temp file, fsync, rename.
+/// Write a small file atomically: temp file, fsync, rename, fsync of the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     {
@@ -542,10 +543,68 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     }
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    rename_durably(&tmp, path)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Directory syncs on this thread (tests check renames are followed by one).
+    pub(crate) static DIR_SYNCS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Rename a synced temp file into place and fsync the directory holding it: without the
+/// second sync the rename itself may be lost in a crash, leaving a record that names a blob
+/// whose file never appeared.
+pub(crate) fn rename_durably(tmp: &Path, path: &Path) -> Result<()> {
+    fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
+    #[cfg(test)]
+    DIR_SYNCS.with(|n| n.set(n.get() + 1));
+    Ok(())
 }
 
 /// Convenience for callers building records: the `Value` of a list of ids.
 pub fn id_values(ids: &[Id]) -> Value {
     Value::ids(ids.iter().copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{ColType, Column};
+
+    static TABLES: &[TableDef] = &[TableDef {
+        name: "note",
+        doc: "a test table",
+        columns: &[Column::new("text", ColType::Str, "text")],
+    }];
+
+    /// Each rename that makes a blob, an exported file or the export state visible is
+    /// followed by an fsync of its directory (the rename is not durable without it).
+    #[test]
+    fn renames_into_place_sync_their_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("s"), TABLES).unwrap();
+        let syncs = || DIR_SYNCS.with(|n| n.get());
+        let before = syncs();
+        store.put_blob(b"a blob").unwrap();
+        assert_eq!(syncs(), before + 1, "blob rename not synced");
+        let src = d.path().join("f");
+        std::fs::write(&src, b"a file").unwrap();
+        store.put_blob_file(&src).unwrap();
+        assert_eq!(syncs(), before + 2, "blob file rename not synced");
+        store
+            .put(&Record::new("note").with("text", Value::str("x")))
+            .unwrap();
+        let before = syncs();
+        crate::export::export(&store, &d.path().join("pq")).unwrap();
+        // The table's part file, the alias snapshot and the state file.
+        assert_eq!(syncs(), before + 3, "export renames not synced");
+    }
 }

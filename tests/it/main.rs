@@ -3,12 +3,12 @@
 
 mod util;
 
-
 mod compat;
 mod crash;
 mod datasets;
 mod endpoint;
 mod judge;
+mod layers;
 mod llama_server;
 mod mask;
 mod model;

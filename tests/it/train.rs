@@ -1081,8 +1081,10 @@ fn bf16_base_matches_peft(
 ) {
     use emlab::train::backprop::{loss_and_grads_merged, FrozenBf16};
     if !FrozenBf16::available() {
-        eprintln!("bf16 base: skipped (no AVX-512 BF16 on this CPU)");
-        return;
+        return emlab_kernels::testing::skip(
+            "train::bf16_base_matches_peft",
+            "no AVX-512 BF16 on this CPU",
+        );
     }
     let frozen = FrozenBf16::new(model).unwrap();
     let o = PassOpts::new(b.targets() as f64);
@@ -1133,8 +1135,10 @@ fn bf16_base_matches_peft(
 fn bf16_base_products_keep_the_adapters_share() {
     use emlab::train::backprop::{loss_and_grads_merged, FrozenBf16};
     if !FrozenBf16::available() {
-        eprintln!("skipped: no AVX-512 BF16 on this CPU");
-        return;
+        return emlab_kernels::testing::skip(
+            "train::bf16_base_products_keep_the_adapters_share",
+            "no AVX-512 BF16 on this CPU",
+        );
     }
     let model = random_model_in(tiny_config(64), 3, DType::F32).unwrap();
     let frozen = FrozenBf16::new(&model).unwrap();
