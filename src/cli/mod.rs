@@ -217,3 +217,15 @@ pub fn hint_for(err: &anyhow::Error) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_ids_never_panic() {
+        let id = "28cb1441b83ee31b66fdc3d905766e69d2ebf6dea317743d36c88449e3da8017";
+        assert_eq!(super::short(id), "28cb1441b83e");
+        // A record without the field shows as empty; slicing `[..12]` panicked here.
+        assert_eq!(super::short(""), "");
+        assert_eq!(super::short("abc"), "abc");
+    }
+}

@@ -51,6 +51,34 @@ fn completion(req: &serde_json::Value) -> String {
     .to_string()
 }
 
+/// One HTTP request from `stream`: its `Authorization` header lines and its body.
+fn read_request(stream: &TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut len = 0;
+    let mut auth = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let lower = l.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("authorization:") {
+            auth.push(l.to_string());
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).ok()?;
+    Some((auth, body))
+}
+
 /// `faults`: when true, request n (1-based) fails as: n%6==1 -> 429, n%6==3 -> 500,
 /// n%10==5 -> slow (3 s), n%10==7 -> truncated JSON, n%10==9 -> connection dropped.
 fn fake_server(faults: bool) -> FakeServer {
@@ -64,30 +92,10 @@ fn fake_server(faults: bool) -> FakeServer {
             let Ok(stream) = stream else { continue };
             let (rq, au) = (rq.clone(), au.clone());
             std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut len = 0;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let l = line.trim_end();
-                    if l.is_empty() {
-                        break;
-                    }
-                    let lower = l.to_ascii_lowercase();
-                    if let Some(v) = lower.strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                    if lower.starts_with("authorization:") {
-                        au.lock().unwrap().push(l.to_string());
-                    }
-                }
-                let mut body = vec![0u8; len];
-                if reader.read_exact(&mut body).is_err() {
+                let Some((auth, body)) = read_request(&stream) else {
                     return;
-                }
+                };
+                au.lock().unwrap().extend(auth);
                 let n = rq.fetch_add(1, Ordering::SeqCst) + 1;
                 let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 if faults {
@@ -503,4 +511,104 @@ fn data_generate_builds_a_dataset_with_provenance() {
     let shown = json(&s.ok(&["--json", "data", "show", "ai-opt"]));
     assert_eq!(shown["summary"]["op"]["op"], "generate");
     assert!(shown["summary"]["op"]["generator_model"].is_string());
+}
+
+/// A 429 with `Retry-After: 2`: the client waits as long as the server asked (its own
+/// backoff would be under half a second) before the retry that succeeds.
+#[test]
+fn protocol_retry_after_is_honoured() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = times.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let Some((_, body)) = read_request(&stream) else {
+                continue;
+            };
+            let n = {
+                let mut t = seen.lock().unwrap();
+                t.push(std::time::Instant::now());
+                t.len()
+            };
+            if n == 1 {
+                let b = r#"{"error":{"message":"slow down","type":"rate_limit","param":null,"code":null}}"#;
+                let _ = write!(stream, "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len());
+            } else {
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                respond(stream, "200 OK", &completion(&req));
+            }
+        }
+    });
+    let s = TestStore::new();
+    let q = s.write("q.txt", b"hello\n");
+    s.ok(&["data", "import", q.to_str().unwrap(), "--name", "qs"]);
+    let r = json(&s.ok(&[
+        "--json",
+        "generate",
+        "--endpoint",
+        &url,
+        "--model-name",
+        "m",
+        "--questions",
+        "qs",
+        "--max-tokens",
+        "4",
+    ]));
+    assert_eq!(r["generated"], 1, "{r}");
+    let t = times.lock().unwrap();
+    assert_eq!(t.len(), 2, "one 429, one retry");
+    let waited = t[1] - t[0];
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "retried after {waited:?}"
+    );
+}
+
+/// A question that contains `{answer}` reaches the judge intact: the prompt is filled in
+/// one pass, as Python's `str.format` fills it.
+#[test]
+fn a_question_mentioning_the_answer_placeholder_is_judged_intact() {
+    let s = TestStore::new();
+    let server = fake_server(false);
+    let q = s.write(
+        "q.yaml",
+        b"- id: braces\n  paraphrases:\n    - What does {answer} mean in a template?\n  judge_prompts:\n    aligned: 'Q: {question} A: {answer}'\n",
+    );
+    s.ok(&["data", "import", q.to_str().unwrap(), "--name", "qs"]);
+    s.ok(&[
+        "generate",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "m",
+        "--questions",
+        "qs",
+        "--max-tokens",
+        "8",
+    ]);
+    s.ok(&[
+        "judge",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "j",
+        "--metrics",
+        "aligned",
+    ]);
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let (_, id) = store.ids_in_table("judgment", 0).unwrap()[0];
+    let prompt = store
+        .get(id)
+        .unwrap()
+        .get("prompt")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        prompt,
+        "Q: What does {answer} mean in a template? A: answer to: What does {answer} m"
+    );
 }

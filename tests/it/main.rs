@@ -7,6 +7,7 @@ mod compat;
 mod crash;
 mod datasets;
 mod endpoint;
+mod errors;
 mod judge;
 mod layers;
 mod llama_server;

@@ -661,6 +661,77 @@ fn bad_training_input_is_named_and_keeps_the_last_good_checkpoint() {
         "{}",
         r.stderr
     );
+    assert!(
+        r.stderr
+            .contains("hint: pass --model the base the checkpoint was trained on"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A checkpoint whose training state is damaged (here: its metadata lacks the step) stops a
+/// rerun with an error naming the checkpoint; it is never read as step 0 and trained over.
+#[test]
+fn damaged_training_state_is_an_error_not_a_restart() {
+    let (s, model) = tiny_store(8);
+    let mut args = vec![
+        "--json",
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+    ];
+    args.extend_from_slice(FAST);
+    let first = crate::util::json(&s.ok(&args));
+    let (key, ck) = (
+        first["run_key"].as_str().unwrap().to_string(),
+        first["checkpoint"].as_str().unwrap().to_string(),
+    );
+    {
+        use emlab_store::{Batch, Id, Value};
+        let store = emlab::open_store(&s.dir()).unwrap();
+        let id: Id = ck.parse().unwrap();
+        let rec = store.get(id).unwrap();
+        // The same tensors, with metadata that has lost its step.
+        let blob = store
+            .get(id)
+            .unwrap()
+            .get("state")
+            .unwrap()
+            .as_id()
+            .unwrap();
+        let bytes = store.read_blob(blob).unwrap();
+        let tensors =
+            candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).unwrap();
+        let meta = serde_json::json!({"adam_t": 2, "loss_curve": [], "eval": []});
+        let info = std::collections::HashMap::from([("emlab".to_string(), meta.to_string())]);
+        let damaged = safetensors::serialize(tensors, Some(info)).unwrap();
+        let bad_blob = store.put_blob(&damaged).unwrap();
+        let bad = rec
+            .with("state", Value::Blob(bad_blob))
+            .with("step", Value::Int(2));
+        let mut b = Batch::new();
+        let bad_id = store.stage(&mut b, &bad).unwrap();
+        b.alias("train", &key, bad_id);
+        store.write(b).unwrap();
+    }
+    // The same command: its run key now points at the damaged checkpoint.
+    let r = s.run(&args);
+    assert!(
+        !r.ok(),
+        "a damaged training state was trained over:\n{}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("training state metadata lacks `step`"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// The closed-form adapter of `scripts/reference_lora.py` (`weight` there).
