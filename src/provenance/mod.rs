@@ -1,5 +1,5 @@
 //! Provenance: what makes every byte traceable. [`tables`] defines emlab's record tables
-//! (each documented in `schema/<table>.md`); [`key`] is the one derivation of request and run
+//! (each documented in `schema/<table>.snap`); [`key`] is the one derivation of request and run
 //! keys (the aliases that let a rerun skip finished work) and of default sampling seeds;
 //! [`build`] makes the records that several jobs write (model identities, prompts,
 //! generations, judgments, bench results), so each table's fields are assembled in one place.

@@ -1,6 +1,6 @@
 //! emlab's record tables: the [`TableDef`]s every store is opened with.
 //!
-//! Each table is documented in `schema/<table>.md`; a test checks that the columns there and
+//! Each table is documented in `schema/<table>.snap`; a test checks that the columns there and
 //! the Arrow schema of the Parquet export agree with the definitions below. Columns may be
 //! added (nullable, so existing ids stay the same); existing ones never change meaning.
 
@@ -284,9 +284,9 @@ pub static TABLES: &[TableDef] = &[
     },
 ];
 
-/// The Markdown documentation of a table, as kept in `schema/<table>.md`. The column table is
+/// The Markdown documentation of a table, as kept in `schema/<table>.snap`. The column table is
 /// generated from the definition (a test compares the file, and the exported Parquet schema,
-/// with it); run the tests with `EMLAB_BLESS=1` to rewrite the files after adding a column.
+/// with it, an insta snapshot); after adding a column, `cargo insta review` rewrites the files.
 pub fn schema_markdown(def: &TableDef) -> String {
     use std::fmt::Write;
     let mut s = String::new();

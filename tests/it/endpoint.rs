@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::util::*;
 
-struct FakeServer {
-    url: String,
+pub struct FakeServer {
+    pub url: String,
     requests: Arc<AtomicUsize>,
     auth_seen: Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -81,7 +81,7 @@ fn read_request(stream: &TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
 
 /// `faults`: when true, request n (1-based) fails as: n%6==1 -> 429, n%6==3 -> 500,
 /// n%10==5 -> slow (3 s), n%10==7 -> truncated JSON, n%10==9 -> connection dropped.
-fn fake_server(faults: bool) -> FakeServer {
+pub fn fake_server(faults: bool) -> FakeServer {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let requests = Arc::new(AtomicUsize::new(0));

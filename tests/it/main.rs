@@ -3,6 +3,7 @@
 
 mod util;
 
+mod cli_output;
 mod compat;
 mod crash;
 mod datasets;

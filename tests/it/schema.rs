@@ -1,35 +1,33 @@
-//! `schema/<table>.md` agrees with the table definitions and with the Parquet the export
-//! writes. `EMLAB_BLESS=1` rewrites the files from the definitions.
+//! `schema/<table>.snap` agrees with the table definitions and with the Parquet the export
+//! writes. The files are insta snapshots of the documentation generated from the definitions:
+//! after adding a column, `cargo insta review` (or `INSTA_UPDATE=always cargo test schema`)
+//! rewrites them, and the diff shows what changed.
 
 use crate::util::*;
+
 use emlab::provenance::tables::{schema_markdown, TABLES};
 
 #[test]
 fn schema_docs_match_definitions() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema");
-    let bless = std::env::var_os("EMLAB_BLESS").is_some();
-    let mut wrong = Vec::new();
-    for def in TABLES {
-        let path = dir.join(format!("{}.md", def.name));
-        let want = schema_markdown(def);
-        if bless {
-            std::fs::write(&path, &want).unwrap();
-            continue;
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(&dir);
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_omit_expression(true);
+    settings.bind(|| {
+        for def in TABLES {
+            insta::assert_snapshot!(def.name, schema_markdown(def));
         }
-        match std::fs::read_to_string(&path) {
-            Ok(have) if have == want => {}
-            _ => wrong.push(path.display().to_string()),
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "out of date (run with EMLAB_BLESS=1): {wrong:?}"
-    );
-    let files = std::fs::read_dir(&dir).unwrap().count();
+    });
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".snap"))
+        .collect();
     assert_eq!(
-        files,
+        files.len(),
         TABLES.len(),
-        "schema/ has a file for a table that does not exist"
+        "schema/ has a file for a table that does not exist: {files:?}"
     );
 }
 
@@ -58,7 +56,7 @@ fn exported_parquet_schema_matches_schema_docs() {
     for def in TABLES {
         let md = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(format!("schema/{}.md", def.name)),
+                .join(format!("schema/{}.snap", def.name)),
         )
         .unwrap();
         let documented = documented_columns(&md);
