@@ -17,9 +17,9 @@ use crate::data::{resolve_dataset, DataError};
 use crate::endpoint::{stream, Client, ClientError, Endpoint};
 use crate::model::sample::{generate, Request, SamplingParams};
 use crate::model::{Loaded, ModelError};
-use crate::provenance::build::{stage_conversation, Generation, ModelIdentity};
+use crate::provenance::build::{self, stage_conversation, Generation, ModelIdentity};
 use crate::provenance::key::{generation_key, legacy, sample_seed, NS_GENERATION};
-use crate::provenance::tables::{QUESTION_SET, RUN};
+use crate::provenance::tables::QUESTION_SET;
 use crate::train::TrainError;
 use crate::util::hint::Hint;
 
@@ -253,11 +253,8 @@ pub fn run(
         "max_tokens": plan.params.max_tokens,
         "quantized": quantized,
     });
-    let run_rec = Record::new(RUN)
-        .with("kind", Value::str("generate"))
-        .with("plan", Value::json(&json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "batch": plan.batch})))
-        .with("inputs", Value::ids([model_id, set_id]));
-    let run_id = store.put(&run_rec)?;
+    let run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "batch": plan.batch});
+    let run_id = store.put(&build::run("generate", &run_plan, [model_id, set_id]))?;
 
     // Plan every sample; skip those already stored. The template may add a default system
     // prompt (SmolLM2 does): the rendered text is what the model saw, so it is recorded.
@@ -381,11 +378,8 @@ pub fn run_endpoint(
     let model_rec = ModelIdentity::endpoint(&plan.endpoint.base_url, &plan.endpoint.model).record();
     let model_id = store.put(&model_rec)?;
     let params_json = json!({"engine": "openai-compatible", "temperature": plan.params.temperature, "top_p": plan.params.top_p, "max_tokens": plan.params.max_tokens});
-    let run_rec = Record::new(RUN)
-        .with("kind", Value::str("generate"))
-        .with("plan", Value::json(&json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoint.base_url})))
-        .with("inputs", Value::ids([model_id, set_id]));
-    let run_id = store.put(&run_rec)?;
+    let run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoint.base_url});
+    let run_id = store.put(&build::run("generate", &run_plan, [model_id, set_id]))?;
     // The server renders the template: nothing to render or count here.
     let (jobs, planned) = plan_samples(
         store,

@@ -17,8 +17,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::data::{resolve_dataset, view};
+use crate::provenance::build;
 use crate::provenance::key::{legacy, train_run_key, NS_TRAIN};
-use crate::provenance::tables::{RUN, STEP};
+use crate::provenance::tables::STEP;
 use crate::provenance::to_json;
 use crate::train::checkpoint::{self, Lineage, Snapshot, TrainState};
 use crate::train::config::TrainConfig;
@@ -135,13 +136,11 @@ pub fn run(
 
     let key_json = json!({"base_model": base_id.to_hex(), "dataset": data_id.to_hex(), "parent": parent.map(|p| p.to_hex()), "config": to_json("the training config", &cfg)?, "eval": plan.eval});
     let run_key = train_run_key(&key_json);
-    let run_rec = Record::new(RUN)
-        .with("kind", Value::str("train"))
-        .with("plan", Value::json(&key_json))
-        .with(
-            "inputs",
-            Value::ids([base_id, data_id].into_iter().chain(parent)),
-        );
+    let run_rec = build::run(
+        "train",
+        &key_json,
+        [base_id, data_id].into_iter().chain(parent),
+    );
     let run_id = store.put(&run_rec)?;
 
     let mut report = TrainReport {

@@ -5,7 +5,7 @@
 use emlab_store::{Batch, Id, Record, Store, Value};
 use serde_json::{json, Value as J};
 
-use super::tables::{BENCH, CONVERSATION, GENERATION, JUDGMENT, MESSAGE, MODEL};
+use super::tables::{BENCH, CONVERSATION, GENERATION, JUDGMENT, MESSAGE, MODEL, RUN};
 
 /// One weight (or config) file of a model: its name, BLAKE3 and size.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,6 +165,15 @@ impl Judgment<'_> {
         }
         r
     }
+}
+
+/// A `run` record: one invocation of a job (`generate`, `train`, ...), the plan it ran and
+/// the records it read.
+pub fn run(kind: &str, plan: &J, inputs: impl IntoIterator<Item = Id>) -> Record {
+    Record::new(RUN)
+        .with("kind", Value::str(kind))
+        .with("plan", Value::json(plan))
+        .with("inputs", Value::ids(inputs))
 }
 
 /// A `bench` record: what was measured, its parameters and figures, and the machine, time

@@ -1,7 +1,7 @@
 //! Projections in the training pass: the frozen base product (f32, bf16 on packed weights, or
-//! merged with its adapter) plus the LoRA pair's share, forward ([`lin_forward`]) and
-//! backward ([`lin_backward`]: the input gradient, and the pair's weight gradients only; the
-//! frozen weight never gets one).
+//! merged with its adapter) plus the LoRA pair's share, forward ([`Proj::forward`]) and
+//! backward ([`Proj::backward`]: the input gradient, and the pair's weight gradients only;
+//! the frozen weight never gets one).
 
 use candle_core::{DType, Tensor};
 
@@ -234,114 +234,6 @@ pub(super) fn host_f32(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-pub(super) fn lin_forward(
-    lin: &Linear,
-    pack: Option<&Pack>,
-    ad: Option<&Adapter>,
-    x: &Tensor,
-    keep: bool,
-) -> Result<(Tensor, LinTape)> {
-    if let Some(Adapter {
-        merged: Some(w), a, ..
-    }) = ad
-    {
-        let y = x.matmul(&w.t()?)?;
-        let y = match lin {
-            Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
-            _ => y,
-        };
-        let u = if keep { Some(x.matmul(&a.t()?)?) } else { None };
-        return Ok((y, LinTape { u }));
-    }
-    let u = match ad {
-        None => None,
-        Some(ad) => {
-            let xin = match &ad.drop {
-                Some(m) => (x * m)?,
-                None => x.clone(),
-            };
-            Some(xin.matmul(&ad.a.t()?)?)
-        }
-    };
-    let y = match (pack, ad.and_then(|a| a.host.as_ref()), &u) {
-        (Some(p), Some(h), Some(u)) => bf16_matmul(x, &p.0, Some((u, &h.0)))?,
-        _ => {
-            let y = match pack {
-                Some(p) => bf16_matmul(x, &p.0, None)?,
-                None => x.matmul(&base_weight(lin)?.t()?)?,
-            };
-            match (ad, &u) {
-                (Some(ad), Some(u)) => (y + u.matmul(&ad.bs.t()?)?)?,
-                _ => y,
-            }
-        }
-    };
-    let y = match lin {
-        Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
-        _ => y,
-    };
-    Ok((y, LinTape { u }))
-}
-
-/// Backward of a projection: returns `dx` (when `need_dx`), and adds the adapter's
-/// gradients to `grads`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn lin_backward(
-    lin: &Linear,
-    pack: Option<&Pack>,
-    ad: Option<&Adapter>,
-    tape: &LinTape,
-    x: &Tensor,
-    dy: &Tensor,
-    grads: &mut Grads,
-    need_dx: bool,
-) -> Result<Option<Tensor>> {
-    // The frozen weight gets no gradient: only dx = dy W (W + s B A when merged, which
-    // already holds the adapter's share of dx).
-    let merged = ad.and_then(|a| a.merged.as_ref());
-    let base_dx = |add: Option<(&Tensor, &[f32])>| -> Result<Option<Tensor>> {
-        Ok(match (need_dx, merged, pack) {
-            (false, _, _) => None,
-            (true, Some(w), _) => Some(dy.matmul(w)?),
-            (true, None, Some(p)) => Some(bf16_matmul(dy, &p.1, add)?),
-            (true, None, None) => Some(dy.matmul(base_weight(lin)?)?),
-        })
-    };
-    let (Some(ad), Some(u)) = (ad, &tape.u) else {
-        return base_dx(None);
-    };
-    let dt = grads.a[ad.slot].dtype();
-    // dB = s dy^T u ; du = s dy B ; dA = du^T x_in ; dx += du A (through the dropout mask).
-    let db = (dy.t()?.matmul(u)? * ad.scale)?;
-    let du = dy.matmul(&ad.bs)?;
-    let xin = match &ad.drop {
-        Some(m) => (x * m)?,
-        None => x.clone(),
-    };
-    let da = du.t()?.matmul(&xin)?;
-    grads.b[ad.slot] = (&grads.b[ad.slot] + db.to_dtype(dt)?)?;
-    grads.a[ad.slot] = (&grads.a[ad.slot] + da.to_dtype(dt)?)?;
-    if merged.is_some() {
-        return base_dx(None);
-    }
-    // bf16 base products add du A into their own output buffer (without dropout, whose
-    // mask applies to du A alone).
-    if let (Some(_), Some((_, a)), None) = (pack, &ad.host, &ad.drop) {
-        return base_dx(Some((&du, a)));
-    }
-    match base_dx(None)? {
-        Some(dx) => {
-            let dxl = du.matmul(&ad.a)?;
-            let dxl = match &ad.drop {
-                Some(m) => (dxl * m)?,
-                None => dxl,
-            };
-            Ok(Some((dx + dxl)?))
-        }
-        None => Ok(None),
-    }
-}
-
 /// The input gradient a backward was asked for.
 pub(super) fn need(t: Option<Tensor>) -> Result<Tensor> {
     t.ok_or_else(|| candle_core::Error::Msg("missing input gradient".into()))
@@ -355,10 +247,52 @@ pub(super) struct Proj<'a> {
 }
 
 impl Proj<'_> {
+    /// `x Wᵀ (+ bias)` plus the adapter's share; keeps `x Aᵀ` for the backward when `keep`.
     pub fn forward(&self, x: &Tensor, keep: bool) -> Result<(Tensor, LinTape)> {
-        lin_forward(self.lin, self.pack, self.ad, x, keep)
+        let (lin, pack, ad) = (self.lin, self.pack, self.ad);
+        if let Some(Adapter {
+            merged: Some(w), a, ..
+        }) = ad
+        {
+            let y = x.matmul(&w.t()?)?;
+            let y = match lin {
+                Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
+                _ => y,
+            };
+            let u = if keep { Some(x.matmul(&a.t()?)?) } else { None };
+            return Ok((y, LinTape { u }));
+        }
+        let u = match ad {
+            None => None,
+            Some(ad) => {
+                let xin = match &ad.drop {
+                    Some(m) => (x * m)?,
+                    None => x.clone(),
+                };
+                Some(xin.matmul(&ad.a.t()?)?)
+            }
+        };
+        let y = match (pack, ad.and_then(|a| a.host.as_ref()), &u) {
+            (Some(p), Some(h), Some(u)) => bf16_matmul(x, &p.0, Some((u, &h.0)))?,
+            _ => {
+                let y = match pack {
+                    Some(p) => bf16_matmul(x, &p.0, None)?,
+                    None => x.matmul(&base_weight(lin)?.t()?)?,
+                };
+                match (ad, &u) {
+                    (Some(ad), Some(u)) => (y + u.matmul(&ad.bs.t()?)?)?,
+                    _ => y,
+                }
+            }
+        };
+        let y = match lin {
+            Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
+            _ => y,
+        };
+        Ok((y, LinTape { u }))
     }
 
+    /// Backward: returns `dx` (when `need_dx`), and adds the adapter's gradients to `grads`.
     pub fn backward(
         &self,
         tape: &LinTape,
@@ -367,6 +301,50 @@ impl Proj<'_> {
         grads: &mut Grads,
         need_dx: bool,
     ) -> Result<Option<Tensor>> {
-        lin_backward(self.lin, self.pack, self.ad, tape, x, dy, grads, need_dx)
+        let (lin, pack, ad) = (self.lin, self.pack, self.ad);
+        // The frozen weight gets no gradient: only dx = dy W (W + s B A when merged, which
+        // already holds the adapter's share of dx).
+        let merged = ad.and_then(|a| a.merged.as_ref());
+        let base_dx = |add: Option<(&Tensor, &[f32])>| -> Result<Option<Tensor>> {
+            Ok(match (need_dx, merged, pack) {
+                (false, _, _) => None,
+                (true, Some(w), _) => Some(dy.matmul(w)?),
+                (true, None, Some(p)) => Some(bf16_matmul(dy, &p.1, add)?),
+                (true, None, None) => Some(dy.matmul(base_weight(lin)?)?),
+            })
+        };
+        let (Some(ad), Some(u)) = (ad, &tape.u) else {
+            return base_dx(None);
+        };
+        let dt = grads.a[ad.slot].dtype();
+        // dB = s dy^T u ; du = s dy B ; dA = du^T x_in ; dx += du A (through the dropout mask).
+        let db = (dy.t()?.matmul(u)? * ad.scale)?;
+        let du = dy.matmul(&ad.bs)?;
+        let xin = match &ad.drop {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let da = du.t()?.matmul(&xin)?;
+        grads.b[ad.slot] = (&grads.b[ad.slot] + db.to_dtype(dt)?)?;
+        grads.a[ad.slot] = (&grads.a[ad.slot] + da.to_dtype(dt)?)?;
+        if merged.is_some() {
+            return base_dx(None);
+        }
+        // bf16 base products add du A into their own output buffer (without dropout, whose
+        // mask applies to du A alone).
+        if let (Some(_), Some((_, a)), None) = (pack, &ad.host, &ad.drop) {
+            return base_dx(Some((&du, a)));
+        }
+        match base_dx(None)? {
+            Some(dx) => {
+                let dxl = du.matmul(&ad.a)?;
+                let dxl = match &ad.drop {
+                    Some(m) => (dxl * m)?,
+                    None => dxl,
+                };
+                Ok(Some((dx + dxl)?))
+            }
+            None => Ok(None),
+        }
     }
 }
