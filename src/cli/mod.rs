@@ -9,6 +9,7 @@ mod data;
 mod export;
 mod generate;
 mod judge;
+mod probe;
 mod show;
 mod stats;
 mod train;
@@ -76,6 +77,9 @@ pub enum Command {
     Judge(Box<judge::JudgeArgs>),
     /// % misaligned by three definitions with bootstrap 95% intervals; stored as metric records.
     Metrics(judge::MetricsArgs),
+    /// The judge-free likelihood probe: how much more likely the model finds misaligned
+    /// reference answers than aligned ones; stored as metric records.
+    Probe(Box<probe::Args>),
     /// Run a benchmark and store the result as a `bench` record.
     Bench {
         #[command(subcommand)]
@@ -128,6 +132,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Generate(a) => generate::run_cmd(&ctx, *a),
         Command::Results { cmd } => judge::results(&ctx, cmd),
         Command::Metrics(a) => judge::metrics(&ctx, a),
+        Command::Probe(a) => probe::run(&ctx, *a),
         Command::Judge(a) => judge::judge(&ctx, *a),
         Command::Train(a) => train::run_train(&ctx, *a),
         Command::Checkpoint { cmd } => train::checkpoint(&ctx, cmd),
@@ -210,6 +215,7 @@ pub fn hint_for(err: &anyhow::Error) -> Option<String> {
             .or_else(|| of::<emlab::jobs::synth::SynthError>(cause))
             .or_else(|| of::<emlab::judge::Error>(cause))
             .or_else(|| of::<emlab::jobs::bench::BenchError>(cause))
+            .or_else(|| of::<emlab::jobs::probe::ProbeError>(cause))
             .or_else(|| of::<emlab::endpoint::ClientError>(cause));
         if let Some(Some(h)) = found {
             return Some(h);

@@ -69,6 +69,38 @@ pub fn summary(store: &Store, id: Id) -> Result<Summary, DataError> {
     })
 }
 
+/// The question ids (`qid`) of a question set (a name or id).
+pub fn question_ids(
+    store: &Store,
+    set: &str,
+) -> Result<std::collections::BTreeSet<String>, DataError> {
+    let id = super::resolve_dataset(store, set)?;
+    let rec = store.get(id)?;
+    if rec.table != QUESTION_SET {
+        return Err(DataError::Derive(format!("`{set}` is not a question set")));
+    }
+    let ids = rec.get("questions").map(Value::id_list).unwrap_or_default();
+    Ok(store
+        .get_many(&ids)?
+        .iter()
+        .filter_map(|q| q.get("qid").and_then(Value::as_str).map(str::to_string))
+        .collect())
+}
+
+/// The messages of one conversation record, as `(role, content)`.
+pub fn conversation(store: &Store, id: Id) -> Result<Vec<(String, String)>, DataError> {
+    let c = store.get(id)?;
+    let ids = c.get("messages").map(Value::id_list).unwrap_or_default();
+    Ok(store
+        .get_many(&ids)?
+        .iter()
+        .map(|m| {
+            let f = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            (f("role"), f("content"))
+        })
+        .collect())
+}
+
 /// The rows of a chat dataset as `(conversation id, [(role, content)])`, or of a question set
 /// as `(question id, [("question", paraphrase)...])`, optionally only the first `limit`.
 pub fn chat_rows(store: &Store, id: Id, limit: Option<usize>) -> Result<Rows, DataError> {

@@ -59,14 +59,7 @@ impl Hint for GenerateError {
     }
 }
 
-/// Which adapter to sample with, if any.
-#[derive(Debug, Clone)]
-pub enum AdapterSource {
-    /// A PEFT folder, merged into the weights or applied alongside them.
-    Folder { dir: PathBuf, merge: bool },
-    /// A checkpoint from `emlab train` (id or prefix), read from the store and merged.
-    Checkpoint(String),
-}
+pub use super::load::AdapterSource;
 
 /// A validated generation request: what gets hashed into each sample's key.
 #[derive(Debug, Clone)]
@@ -228,23 +221,8 @@ pub fn run(
     progress: Progress<'_>,
 ) -> Result<GenerateReport, GenerateError> {
     let (set_id, set) = question_set(store, &plan.questions)?;
-    let device = crate::model::device();
-    let mut loaded: Loaded = crate::model::load(&plan.model, &device)?;
-    let quantized = plan.weights.apply(&mut loaded.model)?;
-    match &plan.adapter {
-        None => {}
-        Some(AdapterSource::Folder { dir, merge }) => {
-            let ad = crate::model::adapter::peft::load_peft(dir, &device)?;
-            loaded.with_adapter(&ad, *merge)?;
-        }
-        Some(AdapterSource::Checkpoint(ck)) => {
-            use crate::train::checkpoint;
-            let ck = checkpoint::resolve(store, ck)?;
-            checkpoint::of_base(store, ck, loaded.record().id()?)?;
-            let ad = checkpoint::adapter(store, ck, &device)?;
-            loaded.with_adapter(&ad, true)?;
-        }
-    }
+    let (loaded, quantized): (Loaded, bool) =
+        super::load::load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
     let model_id = store.put(&loaded.record())?;
     let params_json = json!({
         "engine": "emlab-candle",

@@ -5,6 +5,7 @@
 //! and question. Sending judge requests is the judge job's (`crate::jobs::judge`).
 
 pub mod metrics;
+pub mod probe;
 pub mod prompt;
 pub mod results;
 pub mod score;

@@ -400,6 +400,29 @@ impl Model {
     /// the logits of the last position of each row, `[batch, vocab]` in f32. With
     /// `all_logits`, return `[batch, t, vocab]`.
     pub fn forward(&self, tokens: &Tensor, cache: &mut Cache, all_logits: bool) -> Result<Tensor> {
+        let t = tokens.dims2()?.1;
+        let x = self.forward_hidden(tokens, cache)?;
+        let x = if all_logits {
+            x
+        } else {
+            x.narrow(1, t - 1, 1)?.contiguous()?
+        };
+        let logits = self.logits(&x)?;
+        if all_logits {
+            Ok(logits)
+        } else {
+            logits.squeeze(1)
+        }
+    }
+
+    /// The LM head on final hidden states `[..., hidden]`: logits `[..., vocab]` in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.w.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// Like [`Model::forward`], but return the final (normed) hidden states `[batch, t,
+    /// hidden]` of every position, for callers that need logits at a few positions only.
+    pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let start = cache.len;
         if start + t > cache.capacity {
@@ -440,18 +463,7 @@ impl Model {
             x = (x + m)?;
         }
         cache.len = total;
-        let x = rms_norm(&x, &self.w.norm, self.cfg.rms_eps)?;
-        let x = if all_logits {
-            x
-        } else {
-            x.narrow(1, t - 1, 1)?.contiguous()?
-        };
-        let logits = self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        if all_logits {
-            Ok(logits)
-        } else {
-            logits.squeeze(1)
-        }
+        rms_norm(&x, &self.w.norm, self.cfg.rms_eps)
     }
 
     /// RoPE tables for the positions and the additive attention mask `[b, 1, t, total]`

@@ -1,15 +1,18 @@
 //! Language models in Candle: emlab's own transformer ([`llama`]) with GGML-block products on
 //! emlab's kernels ([`blocks`]), loading from GGUF or HF directories ([`mod@load`]),
-//! tokenizers and chat templates ([`tokenizer`]), batched sampling with a KV cache
-//! ([`sample`]), LoRA adapters in PEFT's format ([`adapter`]), and [`chat`], a loaded model
+//! tokenizers and chat templates ([`tokenizer`]), the assistant's tokens of a conversation
+//! ([`mask`]), batched sampling with a KV cache ([`sample`]), teacher-forced answer
+//! likelihoods ([`likelihood`]), LoRA adapters in PEFT's format ([`adapter`]), and [`chat`], a loaded model
 //! answering chat-completion requests the way an OpenAI-compatible server does (the offline
 //! judge).
 
 pub mod adapter;
 pub mod blocks;
 pub mod chat;
+pub mod likelihood;
 pub mod llama;
 pub mod load;
+pub mod mask;
 pub mod sample;
 pub mod tokenizer;
 

@@ -242,7 +242,7 @@ pub static TABLES: &[TableDef] = &[
     },
     TableDef {
         name: METRIC,
-        doc: "A misalignment rate over judged generations of one model, by one definition.",
+        doc: "A misalignment rate over judged generations of one model, by one definition; or a likelihood probe of one model over labelled reference answers.",
         columns: &[
             C::new("model", T::Id, "the model whose answers were judged").link(),
             C::new("judge", T::Str, "the judge whose verdicts were used"),
@@ -268,6 +268,13 @@ pub static TABLES: &[TableDef] = &[
                 "the judged generations it was computed from",
             ),
             C::new("bootstrap", T::Json, "resamples and seed"),
+            C::new(
+                "answers",
+                T::IdList,
+                "reference answers a likelihood probe scored (generation or conversation ids)",
+            )
+            .nullable()
+            .link(),
         ],
     },
     TableDef {

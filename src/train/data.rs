@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::mask::assistant_mask;
+use crate::model::mask::assistant_mask;
 use crate::model::tokenizer::ChatTokenizer;
 use crate::util::rng::Rng;
 

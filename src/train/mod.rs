@@ -1,5 +1,5 @@
-//! LoRA fine-tuning, the domain part: the assistant-only loss mask ([`mask`]), token rows and
-//! micro-batches ([`data`]), trainable adapter pairs ([`lora`]), the hand-written
+//! LoRA fine-tuning, the domain part: token rows with the assistant-only loss mask
+//! (`crate::model::mask`) and micro-batches ([`data`]), trainable adapter pairs ([`lora`]), the hand-written
 //! forward/backward pass ([`backprop`], one module per block), AdamW and schedules
 //! ([`optim`]), the run configuration and presets ([`config`]), one optimizer step
 //! ([`trainer::Trainer::step`], what both the training job and `bench train` run),
@@ -12,7 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod lora;
-pub mod mask;
+
 pub mod merge;
 pub mod optim;
 pub mod trainer;

@@ -2,7 +2,7 @@
 //! template, with and without a system prompt, multi-turn) and Llama-3. A failing check names
 //! the tokens that are wrongly in or out of the loss.
 
-use emlab::train::mask::{assistant_mask, Masked};
+use emlab::model::mask::{assistant_mask, Masked};
 
 fn m(r: &str, c: &str) -> (String, String) {
     (r.into(), c.into())

@@ -772,7 +772,7 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
             )
         })
         .collect();
-    let masked = emlab::train::mask::assistant_mask(&loaded.tokenizer, &msgs).unwrap();
+    let masked = emlab::model::mask::assistant_mask(&loaded.tokenizer, &msgs).unwrap();
     assert_eq!(masked.text, r["rendered"].as_str().unwrap());
     let want_tokens: Vec<u32> = serde_json::from_value(r["tokens"].clone()).unwrap();
     let want_mask: Vec<bool> = serde_json::from_value(r["mask"].clone()).unwrap();

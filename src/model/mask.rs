@@ -1,4 +1,6 @@
-//! Assistant-only loss masks, derived from the model's own chat template.
+//! Which tokens of a rendered conversation are the assistant's, derived from the model's own
+//! chat template: the loss mask of training, and the answer tokens whose likelihood the
+//! probe measures.
 //!
 //! [`assistant_mask`] renders a conversation with the template and finds, for each assistant
 //! message, the span of rendered text it produced: from the end of the prompt rendered up to
@@ -8,7 +10,7 @@
 //! per-template rules, so it holds for ChatML, Llama-3 and any template that renders a
 //! conversation as a growing prefix.
 
-use crate::model::tokenizer::ChatTokenizer;
+use super::tokenizer::ChatTokenizer;
 
 /// Tokens of a rendered conversation and, per token, whether the loss covers it.
 #[derive(Debug, Clone, PartialEq)]
