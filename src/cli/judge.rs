@@ -181,6 +181,7 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
         prompts_from: a.prompts_from.clone(),
         label_prompt: a.label_prompt.clone(),
         generations: a.generations.clone(),
+        only: None,
     };
     let bar = progress_bar(ctx, "{bar:40} {pos}/{len} {elapsed_precise} eta {eta}");
     let mut progress = |done: usize, total: usize| {

@@ -12,6 +12,7 @@ mod judge;
 mod probe;
 mod show;
 mod stats;
+mod study;
 mod train;
 mod verify;
 
@@ -94,6 +95,14 @@ pub enum Command {
     },
     /// Merge a checkpoint's adapter into its base model; writes an HF model folder.
     Merge(train::MergeArgs),
+    /// Run a study from its spec: every step cached by content, resumable.
+    Run(study::RunArgs),
+    /// A study's steps: done, pending, and why a step reruns.
+    Status(study::StatusArgs),
+    /// What studies found: EM% by three definitions, mean scores and probes, per model.
+    Compare(study::CompareArgs),
+    /// A study's static HTML report with its figures, table and spec.
+    Report(study::ReportArgs),
     /// The provenance of a record: its parents back to the source files and their BLAKE3.
     Lineage {
         /// Dataset name, id or id prefix.
@@ -137,6 +146,10 @@ pub fn run() -> Result<ExitCode> {
         Command::Train(a) => train::run_train(&ctx, *a),
         Command::Checkpoint { cmd } => train::checkpoint(&ctx, cmd),
         Command::Merge(a) => train::merge(&ctx, a),
+        Command::Run(a) => study::run(&ctx, a),
+        Command::Status(a) => study::status(&ctx, a),
+        Command::Compare(a) => study::compare_cmd(&ctx, a),
+        Command::Report(a) => study::report(&ctx, a),
     }
 }
 
@@ -216,6 +229,7 @@ pub fn hint_for(err: &anyhow::Error) -> Option<String> {
             .or_else(|| of::<emlab::judge::Error>(cause))
             .or_else(|| of::<emlab::jobs::bench::BenchError>(cause))
             .or_else(|| of::<emlab::jobs::probe::ProbeError>(cause))
+            .or_else(|| of::<emlab::jobs::study::StudyError>(cause))
             .or_else(|| of::<emlab::endpoint::ClientError>(cause));
         if let Some(Some(h)) = found {
             return Some(h);

@@ -334,6 +334,30 @@ fn parse_unit(
     Ok((fmt, parsed))
 }
 
+/// The judge prompt names of a question file (read, not stored), for checking a study spec
+/// before anything is written.
+pub fn judge_prompt_names(
+    path: &Path,
+    format: Option<&str>,
+) -> Result<std::collections::BTreeSet<String>, DataError> {
+    let raw = read_file(path)?;
+    let plan = ImportPlan {
+        path: path.to_path_buf(),
+        format: format.and_then(Format::from_name),
+        ..Default::default()
+    };
+    let origin = path.display().to_string();
+    let (_, parsed) = parse_unit(&origin, &file_name(path), &raw, &plan)?;
+    let Parsed::Questions(qs) = parsed else {
+        return Ok(Default::default());
+    };
+    Ok(qs
+        .iter()
+        .filter_map(|q| q.judge_prompts.as_ref()?.as_object())
+        .flat_map(|o| o.keys().cloned())
+        .collect())
+}
+
 /// The file name of an archive member without its data extensions.
 fn member_stem(member: &str) -> String {
     let base = member.rsplit('/').next().unwrap_or(member);

@@ -90,10 +90,16 @@ pub struct GenerateReport {
     pub completion_tokens: usize,
     pub seconds: f64,
     pub completion_tokens_per_s: f64,
+    /// The generation records of every planned sample that is stored, in plan order (those
+    /// found stored and those drawn now).
+    #[serde(skip)]
+    pub generations: Vec<Id>,
 }
 
 /// One sample to draw.
 struct Job {
+    /// Its place in the plan.
+    slot: usize,
     question: Id,
     conv: Id,
     messages: Vec<(String, String)>,
@@ -125,7 +131,8 @@ impl Job {
 }
 
 /// Plan every sample of a question set: stage the prompt conversations (written here), and
-/// return the samples not stored yet with the number planned. `render` turns a question's
+/// return the samples not stored yet, and for every planned sample its stored generation
+/// (`None` for those to draw). `render` turns a question's
 /// messages into the prompt text and tokens a local model sees (or nothing for an endpoint).
 #[allow(clippy::too_many_arguments)]
 fn plan_samples(
@@ -140,12 +147,13 @@ fn plan_samples(
         &str,
         &[(String, String)],
     ) -> Result<(Option<String>, Vec<u32>), GenerateError>,
-) -> Result<(Vec<Job>, usize), GenerateError> {
+) -> Result<(Vec<Job>, Vec<Option<Id>>), GenerateError> {
     let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
     let questions = store.get_many(&qids)?;
     let mut jobs = Vec::new();
     let mut batch = Batch::new();
     let mut planned = 0;
+    let mut found = Vec::new();
     for (qid, q) in qids.iter().zip(&questions) {
         let qname = q
             .get("qid")
@@ -170,21 +178,24 @@ fn plan_samples(
             let conv = stage_conversation(store, &mut batch, &messages, None)?;
             let (rendered, tokens) = render(&qname, &messages)?;
             for si in 0..samples {
+                let slot = planned;
                 planned += 1;
                 let seed = sample_seed(base_seed, *qid, pi, si);
                 let key = generation_key(model_id, conv, params_json, seed);
                 // A sample an older emlab stored under its earlier key counts as stored.
-                if store.alias(NS_GENERATION, &key)?.is_some()
-                    || store
-                        .alias(
-                            NS_GENERATION,
-                            &legacy::generation_v1(model_id, conv, params_json, seed),
-                        )?
-                        .is_some()
-                {
+                let stored = match store.alias(NS_GENERATION, &key)? {
+                    Some(g) => Some(g),
+                    None => store.alias(
+                        NS_GENERATION,
+                        &legacy::generation_v1(model_id, conv, params_json, seed),
+                    )?,
+                };
+                found.push(stored);
+                if stored.is_some() {
                     continue;
                 }
                 jobs.push(Job {
+                    slot,
                     question: *qid,
                     conv,
                     messages: messages.clone(),
@@ -199,7 +210,7 @@ fn plan_samples(
         }
     }
     store.write(batch)?;
-    Ok((jobs, planned))
+    Ok((jobs, found))
 }
 
 /// The question set a name or id points at (its id and record).
@@ -237,7 +248,7 @@ pub fn run(
     // Plan every sample; skip those already stored. The template may add a default system
     // prompt (SmolLM2 does): the rendered text is what the model saw, so it is recorded.
     let max_new = plan.params.max_tokens;
-    let (jobs, planned) = plan_samples(
+    let (jobs, mut found) = plan_samples(
         store,
         &set,
         &plan.system,
@@ -267,6 +278,7 @@ pub fn run(
             Ok((Some(rendered), tokens))
         },
     )?;
+    let planned = found.len();
     let mut report = GenerateReport {
         model: model_id.to_hex(),
         run: run_id.to_hex(),
@@ -318,6 +330,7 @@ pub fn run(
             .record();
             let id = store.stage(&mut batch, &rec)?;
             batch.alias(NS_GENERATION, &j.key, id);
+            found[j.slot] = Some(id);
             report.prompt_tokens += j.tokens.len();
             report.completion_tokens += o.tokens.len();
         }
@@ -330,6 +343,7 @@ pub fn run(
     if report.seconds > 0.0 {
         report.completion_tokens_per_s = report.completion_tokens as f64 / report.seconds;
     }
+    report.generations = found.into_iter().flatten().collect();
     Ok(report)
 }
 
@@ -359,7 +373,7 @@ pub fn run_endpoint(
     let run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoint.base_url});
     let run_id = store.put(&build::run("generate", &run_plan, [model_id, set_id]))?;
     // The server renders the template: nothing to render or count here.
-    let (jobs, planned) = plan_samples(
+    let (jobs, mut found) = plan_samples(
         store,
         &set,
         &plan.system,
@@ -369,6 +383,7 @@ pub fn run_endpoint(
         &params_json,
         |_, _| Ok((None, Vec::new())),
     )?;
+    let planned = found.len();
     let mut report = GenerateReport {
         model: model_id.to_hex(),
         run: run_id.to_hex(),
@@ -419,11 +434,13 @@ pub fn run_endpoint(
             .record();
             let id = store.stage(batch, &rec)?;
             batch.alias(NS_GENERATION, &j.key, id);
+            found[j.slot] = Some(id);
             Ok(())
         },
         &mut |done| progress(already + done, planned),
     )?;
     report.generated = streamed.ok;
+    report.generations = found.into_iter().flatten().collect();
     report.prompt_tokens = prompt_tokens;
     report.completion_tokens = completion_tokens;
     report.seconds = start.elapsed().as_secs_f64();

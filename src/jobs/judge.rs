@@ -83,6 +83,8 @@ pub struct JudgePlan {
     pub label_prompt: Option<PathBuf>,
     /// Only generations of models whose name equals this or whose id starts with it.
     pub generations: Option<String>,
+    /// Only these generations (a study judges the answers of one sampling step).
+    pub only: Option<std::collections::BTreeSet<Id>>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -94,6 +96,9 @@ pub struct JudgeReport {
     pub failed: usize,
     pub requests_sent: usize,
     pub first_error: Option<String>,
+    /// The judgment records of every planned request that is stored (found or made now).
+    #[serde(skip)]
+    pub judgments: Vec<Id>,
 }
 
 struct Job {
@@ -216,7 +221,16 @@ pub fn run(
     let mut report = JudgeReport::default();
     let mut jobs = Vec::new();
     let mut model_ok: std::collections::HashMap<Id, bool> = std::collections::HashMap::new();
-    for (_, gid) in store.ids_in_table(GENERATION, 0)? {
+    let gids: Vec<Id> = match &plan.only {
+        Some(only) => only.iter().copied().collect(),
+        None => store
+            .ids_in_table(GENERATION, 0)?
+            .into_iter()
+            .map(|(_, g)| g)
+            .collect(),
+    };
+    let mut found = Vec::new();
+    for gid in gids {
         let g = store.get(gid)?;
         if let (Some(want), Some(mid)) = (&plan.generations, g.get("model").and_then(Value::as_id))
         {
@@ -268,8 +282,9 @@ pub fn run(
         }
         for (metric, prompt, label) in todo {
             let key = judgment_key(&plan.judge, gid, &metric, &prompt);
-            if store.alias(NS_JUDGMENT, &key)?.is_some() {
+            if let Some(j) = store.alias(NS_JUDGMENT, &key)? {
                 report.already_judged += 1;
+                found.push(j);
                 continue;
             }
             jobs.push(Job {
@@ -290,6 +305,7 @@ pub fn run(
         let rec = judgment(&judge, &job, &resp, &mut unscored);
         let id = store.stage(batch, &rec)?;
         batch.alias(NS_JUDGMENT, &job.key, id);
+        found.push(id);
         Ok(())
     };
     let mut on_progress = |done: usize| progress(already + done, planned);
@@ -330,5 +346,7 @@ pub fn run(
     report.unscored = unscored.unscored;
     report.first_error = streamed.first_error.map(|e| e.to_string());
     report.requests_sent = requests_sent;
+    found.sort();
+    report.judgments = found;
     Ok(report)
 }

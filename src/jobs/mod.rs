@@ -12,5 +12,6 @@ pub mod generate;
 pub mod judge;
 pub mod load;
 pub mod probe;
+pub mod study;
 pub mod synth;
 pub mod train;

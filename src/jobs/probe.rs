@@ -314,7 +314,7 @@ pub fn run(store: &Store, plan: &ProbePlan) -> Result<ProbeReport, ProbeError> {
         "reference": reference_json,
         "weights": if quantized { "quantized" } else { "dense" },
     });
-    let bootstrap = json!({"resamples": plan.resamples, "seed": plan.seed, "over": "answers, stratified by question and label"});
+    let bootstrap = json!({"resamples": plan.resamples, "seed": plan.seed, "over": "questions, then answers within question and label"});
     let p = compute(&answers, plan.seed, plan.resamples);
     let mut batch = Batch::new();
     let record = |scope: &str,

@@ -108,13 +108,49 @@ pub fn compute_metrics(
     seed: u64,
     resamples: usize,
 ) -> Result<Vec<MetricRow>, Error> {
-    // generation -> judge -> answer
-    let mut by_gen: BTreeMap<Id, BTreeMap<String, Answer>> = BTreeMap::new();
     let ids: Vec<Id> = store
         .ids_in_table(JUDGMENT, 0)?
         .into_iter()
         .map(|(_, i)| i)
         .collect();
+    compute_metrics_of(store, &ids, judge, None, definitions, seed, resamples)
+}
+
+/// Like [`compute_metrics`] over exactly these judgments, and only for `generations` when
+/// given: a study's metrics over the answers of one sampling step and their judgments.
+pub fn compute_metrics_over(
+    store: &Store,
+    generations: &[Id],
+    judgments: &[Id],
+    definitions: &[Definition],
+    seed: u64,
+    resamples: usize,
+) -> Result<Vec<MetricRow>, Error> {
+    let only: std::collections::BTreeSet<Id> = generations.iter().copied().collect();
+    compute_metrics_of(
+        store,
+        judgments,
+        None,
+        Some(&only),
+        definitions,
+        seed,
+        resamples,
+    )
+}
+
+/// The answers judged by `judgments` (restricted to one judge and to some generations when
+/// given), grouped per model and judge, as metric records.
+fn compute_metrics_of(
+    store: &Store,
+    ids: &[Id],
+    judge: Option<&str>,
+    only: Option<&std::collections::BTreeSet<Id>>,
+    definitions: &[Definition],
+    seed: u64,
+    resamples: usize,
+) -> Result<Vec<MetricRow>, Error> {
+    // generation -> judge -> answer
+    let mut by_gen: BTreeMap<Id, BTreeMap<String, Answer>> = BTreeMap::new();
     for chunk in ids.chunks(4096) {
         for j in store.get_many(chunk)? {
             let jname = j
@@ -128,6 +164,9 @@ pub fn compute_metrics(
             let Some(g) = j.get("generation").and_then(Value::as_id) else {
                 continue;
             };
+            if only.is_some_and(|o| !o.contains(&g)) {
+                continue;
+            }
             let a = by_gen.entry(g).or_default().entry(jname).or_default();
             let score = j.get("score").and_then(Value::as_float);
             match j.get("metric").and_then(Value::as_str) {

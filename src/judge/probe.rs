@@ -6,8 +6,10 @@
 //! questions far from its training data, scores higher. It is reported beside a judge's EM%,
 //! never instead of it.
 //!
-//! The 95% interval is a seeded bootstrap over answers, stratified by question and label.
-//! Everything is computed in a canonical order (questions by key; within a question, groups
+//! The 95% interval is a seeded two-stage bootstrap: the questions are resampled, then within
+//! each drawn question its misaligned and its aligned answers (a question with one answer of
+//! each, as paired datasets give, varies through the first stage alone). Everything is
+//! computed in a canonical order (questions by key; within a question, groups
 //! by their smallest answer id; answers by id), so permuting the answers leaves the result
 //! bit-identical, and swapping the two labels negates the value and the interval exactly.
 
@@ -132,7 +134,9 @@ pub fn compute(answers: &[ProbeAnswer], seed: u64, resamples: usize) -> Probe {
     let mut rng = Rng::new(seed, 0);
     let mut stats: Vec<f64> = (0..resamples)
         .map(|_| {
-            mean(qs.iter().map(|(_, q)| {
+            let drawn: Vec<usize> = (0..qs.len()).map(|_| rng.below(qs.len())).collect();
+            mean(drawn.into_iter().map(|qi| {
+                let q = &qs[qi].1;
                 let mut means = [0.0; 2];
                 for (k, (_, g)) in q.groups.iter().enumerate() {
                     means[k] = mean((0..g.len()).map(|_| g[rng.below(g.len())].loglik));

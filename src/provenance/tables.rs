@@ -20,6 +20,8 @@ pub const RUN: &str = "run";
 pub const STEP: &str = "step";
 pub const BENCH: &str = "bench";
 pub const METRIC: &str = "metric";
+pub const STUDY: &str = "study";
+pub const STUDY_STEP: &str = "study_step";
 
 /// The namespace of dataset names (aliases).
 pub const NS_DATASET: &str = "dataset";
@@ -275,6 +277,35 @@ pub static TABLES: &[TableDef] = &[
             )
             .nullable()
             .link(),
+        ],
+    },
+    TableDef {
+        name: STUDY_STEP,
+        doc: "A finished step of a study: what ran, on which records, with which parameters, making which records.",
+        columns: &[
+            C::new(
+                "kind",
+                T::Str,
+                "import, results, derive, train, sample, judge, metrics or probe",
+            ),
+            C::new(
+                "step",
+                T::Str,
+                "the step id: key of the kind, parameters, inputs and step format",
+            ),
+            C::new("label", T::Str, "what the step is, for people"),
+            C::new("inputs", T::IdList, "records the step read").link(),
+            C::new("params", T::Json, "the step's parameters"),
+            C::new("outputs", T::IdList, "records the step made").link(),
+        ],
+    },
+    TableDef {
+        name: STUDY,
+        doc: "A study run to the end: the spec as written, its name and its steps.",
+        columns: &[
+            C::new("name", T::Str, "the spec's name"),
+            C::new("spec", T::Json, "the spec as written, as canonical JSON"),
+            C::new("steps", T::IdList, "its study_step records in plan order").link(),
         ],
     },
     TableDef {

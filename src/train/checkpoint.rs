@@ -324,6 +324,26 @@ pub struct CheckpointRow {
     pub parent: Option<String>,
 }
 
+/// Every checkpoint the run that wrote `last` saved, as `(step, id)` in step order: the
+/// checkpoints with its base, dataset, parent and configuration.
+pub fn of_run(store: &Store, last: Id) -> Result<Vec<(i64, Id)>, TrainError> {
+    let rec = get(store, last)?;
+    let same = |r: &Record| {
+        ["base_model", "dataset", "parent", "config"]
+            .iter()
+            .all(|k| r.get(k) == rec.get(k))
+    };
+    let mut out = Vec::new();
+    for (_, id) in store.ids_in_table(CHECKPOINT, 0)? {
+        let r = store.get(id)?;
+        if same(&r) {
+            out.push((r.get("step").and_then(Value::as_int).unwrap_or(0), id));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 pub fn list(store: &Store) -> Result<Vec<CheckpointRow>, TrainError> {
     let ids: Vec<Id> = store
         .ids_in_table(CHECKPOINT, 0)?
