@@ -17,5 +17,6 @@ mod model;
 pub mod model_tiny;
 mod schema;
 mod store_cli;
+mod study;
 pub mod tiny;
 mod train;

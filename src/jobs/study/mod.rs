@@ -1073,15 +1073,23 @@ impl Exec<'_> {
             }
             None => None,
         };
-        let jinputs = match (&gens, jref.id()) {
-            (Some(g), Some(jid)) => {
+        let prompts_from = judge
+            .prompts_from
+            .as_ref()
+            .map(|p| self.dataset_id(p.get_ref()));
+        let jinputs = match (&gens, jref.id(), prompts_from) {
+            (_, _, Some(None)) => None,
+            (Some(g), Some(jid), p) => {
                 let mut v = vec![jid];
+                v.extend(p.flatten());
                 v.extend(g.iter().copied());
                 Some(v)
             }
             _ => None,
         };
-        let jparams = json!({"judge": judge_name, "prompts": prompts, "label_prompt": label_prompt.as_ref().map(|l| l.1.clone())});
+        let prompts_from = prompts_from.flatten();
+        let jparams = json!({"judge": judge_name, "prompts": prompts, "label_prompt": label_prompt.as_ref().map(|l| l.1.clone()),
+                             "prompts_from": prompts_from.map(|p| p.to_hex())});
         let gens_list = gens.clone().unwrap_or_default();
         let judgments = self.step(
             "judge",

@@ -138,8 +138,8 @@ pub struct EvalSpec {
     pub system: Option<String>,
     pub seed: Option<u64>,
     pub batch: Option<usize>,
-    /// `plain` and/or `tagged` (the tag bytes recorded on `tag_from`, or on the evaluated
-    /// stage's training dataset).
+    /// `plain`, `tagged` (the tag bytes recorded on `tag_from`, or on the evaluated stage's
+    /// training dataset) and `tagged:DATASET` (the tag recorded on that dataset).
     pub conditions: Option<Vec<Spanned<String>>>,
     pub tag_from: Option<Spanned<String>>,
     /// `final` (default) or `every` saved checkpoint.
@@ -164,6 +164,9 @@ pub struct JudgeSpec {
     pub label_prompt: Option<String>,
     /// The judge's name in judgment records.
     pub name: Option<String>,
+    /// Judge prompts for questions that have none (the seed project's question files): the
+    /// first question's of this question set.
+    pub prompts_from: Option<Spanned<String>>,
 }
 
 /// Thresholds of the three EM% definitions and of the probe's labels.
@@ -613,10 +616,23 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
                     match c.get_ref().as_str() {
                         "plain" => {}
                         "tagged" => check_tag(l, e, c)?,
+                        t if t.starts_with("tagged:") => {
+                            let d = &t["tagged:".len()..];
+                            if !defined_datasets(s).contains(d) {
+                                return Err(
+                                    l.error(c.span(), format!("no dataset `{d}` in this spec"))
+                                );
+                            }
+                            if recorded_tag(s, d).is_none() {
+                                return Err(l.error(c.span(), format!("a tagged condition applies a recorded tag, but {d} has no tag op")));
+                            }
+                        }
                         other => {
                             return Err(l.error(
                                 c.span(),
-                                format!("condition `{other}`: expected plain or tagged"),
+                                format!(
+                                    "condition `{other}`: expected plain, tagged or tagged:DATASET"
+                                ),
                             ))
                         }
                     }
@@ -655,6 +671,14 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
     }
     if let Some(j) = &s.judge {
         let jj = j.get_ref();
+        if let Some(p) = &jj.prompts_from {
+            if !defined_datasets(s).contains(p.get_ref()) {
+                return Err(l.error(
+                    p.span(),
+                    format!("no dataset `{}` in this spec", p.get_ref()),
+                ));
+            }
+        }
         if !s.models.contains_key(jj.model.get_ref()) {
             return Err(l.error(
                 jj.model.span(),
@@ -786,6 +810,10 @@ fn check_judge_prompts(l: &Loaded, j: &JudgeSpec) -> Result<(), SpecError> {
             // A missing or unreadable file is reported by its import step.
             continue;
         };
+        if names.is_empty() && j.prompts_from.is_some() {
+            // Questions without judge prompts take them from `prompts_from`.
+            continue;
+        }
         for p in prompts {
             if !names.contains(p.get_ref()) {
                 let known: Vec<&str> = names.iter().map(String::as_str).collect();
