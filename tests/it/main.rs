@@ -15,6 +15,7 @@ mod llama_server;
 mod mask;
 mod model;
 pub mod model_tiny;
+mod probe;
 mod schema;
 mod store_cli;
 mod study;
