@@ -363,3 +363,86 @@ fn error_output() {
     .replace(&m, "[MODEL]");
     snap("error_unknown_dataset", &t);
 }
+
+#[test]
+fn study_verbs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let spec = crate::study::study_dir(dir, &crate::study::spec_text("base", 2, ""));
+    let spec = spec.to_str().unwrap();
+    let store = dir.join("s");
+    let run = |args: &[&str]| {
+        let r = run_in(&store, args);
+        assert!(r.ok(), "emlab {args:?} failed:\n{}", r.stderr);
+        format!(
+            "$ emlab {}\n--- stdout\n{}--- stderr\n{}",
+            args.join(" "),
+            r.stdout,
+            r.stderr
+        )
+        .replace(dir.to_str().unwrap(), "[TMP]")
+    };
+    // Before anything ran, the imports' ids are known (file hashes) and the rest waits.
+    snap("run_dry_run", &run(&["run", spec, "--dry-run"]));
+    // Ids of steps downstream of training depend on floating point; times vary.
+    let machine = |t: String| {
+        let t = regex::Regex::new(r"\] (ran|done|running|pending) +[0-9a-f]{12}")
+            .unwrap()
+            .replace_all(&t, "] $1 [STEP]")
+            .into_owned();
+        let t = regex::Regex::new(r"\d+\.\d s\)")
+            .unwrap()
+            .replace_all(&t, "[SECS] s)")
+            .into_owned();
+        regex::Regex::new(r"(?m)^[0-9a-f]{64}$")
+            .unwrap()
+            .replace_all(&t, "[ID]")
+            .into_owned()
+    };
+    let full = machine(run(&["run", spec]));
+    // Only the finished lines: their order is the plan's.
+    let full: String = full
+        .lines()
+        .filter(|l| !l.contains(" running "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    snap("run", &full);
+    snap("status", &machine(run(&["status", "tiny"])));
+    let numbers = |t: String| {
+        regex::Regex::new(r"[+-]?\d+\.\d+")
+            .unwrap()
+            .replace_all(&t, "[X]")
+            .into_owned()
+    };
+    // Column widths follow the numbers' widths: compare the cells, not the padding.
+    let cells = |t: String| {
+        regex::Regex::new(r" {2,}")
+            .unwrap()
+            .replace_all(&t, " ")
+            .into_owned()
+    };
+    snap("compare", &cells(numbers(run(&["compare", "tiny"]))));
+    snap(
+        "compare_csv_by_question",
+        &numbers(run(&["compare", "tiny", "--csv", "--by", "question"])),
+    );
+    snap(
+        "report",
+        &run(&["report", "tiny", "-o", dir.join("r").to_str().unwrap()]),
+    );
+    let model = dir.join("tiny");
+    let probe = run(&[
+        "probe",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        "tiny/bad,tiny/good",
+        "--resamples",
+        "50",
+    ]);
+    let probe = regex::Regex::new(r"(?m)^[0-9a-f]{64}$")
+        .unwrap()
+        .replace_all(&probe, "[ID]")
+        .into_owned();
+    snap("probe", &numbers(probe));
+}

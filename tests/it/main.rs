@@ -18,6 +18,6 @@ pub mod model_tiny;
 mod probe;
 mod schema;
 mod store_cli;
-mod study;
+pub mod study;
 pub mod tiny;
 mod train;

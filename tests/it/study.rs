@@ -51,7 +51,7 @@ fn pairs(tag: &str) -> String {
 }
 
 /// The spec, with `judge` naming a `[models]` entry and `extra` appended.
-fn spec_text(judge: &str, samples: usize, extra: &str) -> String {
+pub fn spec_text(judge: &str, samples: usize, extra: &str) -> String {
     format!(
         r#"name = "tiny"
 
@@ -134,7 +134,7 @@ model = "{judge}"
 }
 
 /// A folder with the tiny model, the inputs and `spec.toml`.
-fn study_dir(dir: &Path, spec: &str) -> PathBuf {
+pub fn study_dir(dir: &Path, spec: &str) -> PathBuf {
     crate::model_tiny::tiny_model(&dir.join("tiny"), false);
     std::fs::write(dir.join("chat.jsonl"), chat_jsonl("cats", 8)).unwrap();
     std::fs::write(dir.join("more.jsonl"), chat_jsonl("world", 6)).unwrap();
