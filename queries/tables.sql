@@ -16,4 +16,6 @@ UNION ALL SELECT 'question_set', count(*) FROM read_parquet(getvariable('parquet
 UNION ALL SELECT 'run', count(*) FROM read_parquet(getvariable('parquet') || '/run/*/*.parquet')
 UNION ALL SELECT 'source', count(*) FROM read_parquet(getvariable('parquet') || '/source/*/*.parquet')
 UNION ALL SELECT 'step', count(*) FROM read_parquet(getvariable('parquet') || '/step/*/*.parquet')
+UNION ALL SELECT 'study', count(*) FROM read_parquet(getvariable('parquet') || '/study/*/*.parquet')
+UNION ALL SELECT 'study_step', count(*) FROM read_parquet(getvariable('parquet') || '/study_step/*/*.parquet')
 ORDER BY 1;
