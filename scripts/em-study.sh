@@ -19,7 +19,7 @@ export EMLAB_ZIP_PASSWORD=${EMLAB_ZIP_PASSWORD:-model-organisms-em-datasets}
 command -v duckdb >/dev/null 2>&1 || python3 -m pip install --quiet duckdb-cli
 bash scripts/fetch-model.sh
 cargo build --release --locked --quiet
-emlab() { ./target/release/emlab "$@"; }
+emlab() { "${CARGO_TARGET_DIR:-target}/release/emlab" "$@"; }
 
 echo "== run examples/smoke.toml (store: $EMLAB_STORE)"
 emlab run examples/smoke.toml
