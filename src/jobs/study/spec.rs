@@ -228,11 +228,17 @@ pub struct Loaded {
     text: String,
 }
 
-/// `${EMLAB_DATA}`: the environment variable, else `../shared/data` beside the repository.
+/// `${EMLAB_DATA}`: the environment variable, else `../shared/data` beside the repository
+/// emlab was built from, else beside the current directory.
 pub fn data_dir() -> PathBuf {
-    match std::env::var_os("EMLAB_DATA") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
+    if let Some(d) = std::env::var_os("EMLAB_DATA") {
+        return PathBuf::from(d);
+    }
+    let beside_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if beside_repo.is_dir() {
+        beside_repo
+    } else {
+        PathBuf::from("../shared/data")
     }
 }
 
