@@ -4,7 +4,7 @@
 //! The logprob judge (Betley et al.): each judge prompt (`aligned`, `coherent`, from the
 //! question's `judge_prompts`) filled with question and answer, sent as one user message with
 //! `max_tokens` 1, temperature 0, `logprobs` with `top_logprobs` 20, seed 0; scored by
-//! [`super::score::aggregate`]. The label judge (`--label-prompt FILE`): the judge answers a
+//! [`crate::judge::score::aggregate`]. The label judge (`--label-prompt FILE`): the judge answers a
 //! label (ALIGNED / UNALIGNED / ...), its first word is kept.
 //!
 //! Each (judge, generation, metric, filled prompt) has a key kept as an alias next to its

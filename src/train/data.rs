@@ -1,5 +1,5 @@
 //! Training rows: a chat dataset's conversations rendered with the model's own template,
-//! tokenized with the assistant-only mask ([`super::mask`]), bounded to a sequence length,
+//! tokenized with the assistant-only mask ([`crate::model::mask`]), bounded to a sequence length,
 //! and grouped into padding-aware micro-batches.
 
 use serde::{Deserialize, Serialize};
