@@ -2,7 +2,8 @@
 //! records as it goes, resumable by key. [`generate`] samples answers (a local model or an
 //! endpoint), [`judge`] judges them, [`probe`] measures the judge-free likelihood probe,
 //! [`train`] fine-tunes a LoRA adapter, [`synth`] builds a dataset with an LLM, and
-//! [`bench`](mod@bench) measures and stores `bench` records. [`load`] loads a model with its adapter for them.
+//! [`bench`](mod@bench) measures and stores `bench` records. [`load`] loads a model with its
+//! adapter for them.
 //!
 //! Jobs sit between the CLI and the domain modules: they call into data, model, train,
 //! judge, endpoint and provenance, and nothing below them calls a job.
