@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use emlab::jobs::train::TrainPlan;
 use emlab::train::checkpoint;
-use emlab::train::config::Preset;
+use emlab::train::config::{Overrides, Preset};
 use emlab::train::data::Overflow;
 use emlab::train::optim::Schedule;
 
@@ -90,41 +90,35 @@ pub struct Args {
 
 impl Args {
     pub fn plan(&self) -> TrainPlan {
-        let mut c = self.preset.config();
-        macro_rules! set {
-            ($field:expr, $opt:expr) => {
-                if let Some(v) = $opt.clone() {
-                    $field = v;
-                }
-            };
+        let config = Overrides {
+            seq_len: self.seq_len,
+            overflow: self.overflow,
+            lr: self.lr,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch,
+            warmup_steps: self.warmup_steps,
+            schedule: self.schedule,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            r: self.r,
+            alpha: self.alpha,
+            rslora: self.rslora,
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+            save_every: self.save_every,
+            bf16_base: Some(self.bf16_base),
+            max_steps: self.max_steps,
         }
-        set!(c.seq_len, self.seq_len);
-        set!(c.overflow, self.overflow);
-        set!(c.lr, self.lr);
-        set!(c.epochs, self.epochs);
-        set!(c.batch_size, self.batch_size);
-        set!(c.micro_batch, self.micro_batch);
-        set!(c.warmup_steps, self.warmup_steps);
-        set!(c.schedule, self.schedule);
-        set!(c.adamw.weight_decay, self.weight_decay);
-        set!(c.max_grad_norm, self.max_grad_norm);
-        set!(c.seed, self.seed);
-        set!(c.lora.r, self.r);
-        set!(c.lora.alpha, self.alpha);
-        set!(c.lora.rslora, self.rslora);
-        set!(c.lora.dropout, self.dropout);
-        set!(c.lora.targets, self.targets);
-        set!(c.save_every, self.save_every);
-        c.bf16_base = self.bf16_base;
-        c.micro_batch = c.micro_batch.min(c.batch_size);
-        c.max_steps = self.max_steps;
+        .apply(self.preset);
         TrainPlan {
             model: self.model.clone(),
             data: self.data.clone(),
             eval: self.eval.clone(),
             eval_every: self.eval_every,
             from: self.from.clone(),
-            config: c,
+            config,
         }
     }
 }

@@ -105,6 +105,64 @@ impl Preset {
     }
 }
 
+/// Options that replace a preset's values where given: what `emlab train`'s flags and a study
+/// stage's keys both map to, so the two cannot drift apart.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub seq_len: Option<usize>,
+    pub overflow: Option<Overflow>,
+    pub lr: Option<f64>,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub micro_batch: Option<usize>,
+    pub warmup_steps: Option<usize>,
+    pub schedule: Option<Schedule>,
+    pub weight_decay: Option<f64>,
+    pub max_grad_norm: Option<f64>,
+    pub seed: Option<u64>,
+    pub r: Option<usize>,
+    pub alpha: Option<f64>,
+    pub rslora: Option<bool>,
+    pub dropout: Option<f64>,
+    pub targets: Option<Vec<String>>,
+    pub save_every: Option<usize>,
+    pub bf16_base: Option<bool>,
+    pub max_steps: Option<usize>,
+}
+
+impl Overrides {
+    /// The preset's config with these values in place; the micro-batch is capped at the batch.
+    pub fn apply(self, preset: Preset) -> TrainConfig {
+        fn set<T>(field: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *field = v;
+            }
+        }
+        let mut c = preset.config();
+        set(&mut c.seq_len, self.seq_len);
+        set(&mut c.overflow, self.overflow);
+        set(&mut c.lr, self.lr);
+        set(&mut c.epochs, self.epochs);
+        set(&mut c.batch_size, self.batch_size);
+        set(&mut c.micro_batch, self.micro_batch);
+        set(&mut c.warmup_steps, self.warmup_steps);
+        set(&mut c.schedule, self.schedule);
+        set(&mut c.adamw.weight_decay, self.weight_decay);
+        set(&mut c.max_grad_norm, self.max_grad_norm);
+        set(&mut c.seed, self.seed);
+        set(&mut c.lora.r, self.r);
+        set(&mut c.lora.alpha, self.alpha);
+        set(&mut c.lora.rslora, self.rslora);
+        set(&mut c.lora.dropout, self.dropout);
+        set(&mut c.lora.targets, self.targets);
+        set(&mut c.save_every, self.save_every);
+        set(&mut c.bf16_base, self.bf16_base);
+        c.micro_batch = c.micro_batch.min(c.batch_size);
+        c.max_steps = self.max_steps;
+        c
+    }
+}
+
 impl TrainConfig {
     /// Refuse settings that cannot train (each message names the option to change).
     pub fn check(&self) -> Result<(), String> {
@@ -124,5 +182,30 @@ impl TrainConfig {
             return Err("--lr must be a finite non-negative number".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_overrides_is_the_preset_and_given_ones_replace_it() {
+        for p in Preset::ALL {
+            assert_eq!(Overrides::default().apply(*p), p.config());
+        }
+        let c = Overrides {
+            lr: Some(3e-4),
+            r: Some(1),
+            batch_size: Some(2),
+            micro_batch: Some(8),
+            max_steps: Some(5),
+            ..Overrides::default()
+        }
+        .apply(Preset::Realign);
+        assert_eq!((c.lr, c.lora.r, c.max_steps), (3e-4, 1, Some(5)));
+        assert_eq!(c.epochs, Preset::Realign.config().epochs);
+        // A micro-batch larger than the batch is capped at it.
+        assert_eq!((c.batch_size, c.micro_batch), (2, 2));
     }
 }

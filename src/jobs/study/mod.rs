@@ -36,7 +36,9 @@ use crate::model::WeightMode;
 use crate::provenance::build::ModelIdentity;
 use crate::provenance::key::Key;
 use crate::provenance::tables::{STUDY, STUDY_STEP};
-use crate::train::config::{Preset, TrainConfig};
+use crate::train::config::{Overrides, Preset, TrainConfig};
+use crate::train::data::Overflow;
+use crate::train::optim::Schedule;
 use crate::train::{checkpoint, TrainError};
 use crate::util::choice::Choice;
 use crate::util::hint::Hint;
@@ -608,50 +610,30 @@ impl Exec<'_> {
             .as_deref()
             .and_then(Preset::from_name)
             .unwrap_or(Preset::EmPaper);
-        let mut c = preset.config();
-        macro_rules! set {
-            ($field:expr, $opt:expr) => {
-                if let Some(v) = $opt.clone() {
-                    $field = v;
-                }
-            };
+        // The spec's names were checked when it was read (spec.rs), so a name that does not
+        // parse here cannot occur.
+        Overrides {
+            seq_len: st.seq_len,
+            overflow: st.overflow.as_deref().and_then(Overflow::from_name),
+            lr: st.lr,
+            epochs: st.epochs,
+            batch_size: st.batch_size,
+            micro_batch: st.micro_batch,
+            warmup_steps: st.warmup_steps,
+            schedule: st.schedule.as_deref().and_then(Schedule::from_name),
+            weight_decay: st.weight_decay,
+            max_grad_norm: st.max_grad_norm,
+            seed: seed.or(st.seed),
+            r: st.r,
+            alpha: st.alpha,
+            rslora: st.rslora,
+            dropout: st.dropout,
+            targets: st.targets.clone(),
+            save_every: st.save_every,
+            bf16_base: st.bf16_base,
+            max_steps: st.max_steps,
         }
-        set!(c.seq_len, st.seq_len);
-        if let Some(o) = st
-            .overflow
-            .as_deref()
-            .and_then(crate::train::data::Overflow::from_name)
-        {
-            c.overflow = o;
-        }
-        set!(c.lr, st.lr);
-        set!(c.epochs, st.epochs);
-        set!(c.batch_size, st.batch_size);
-        set!(c.micro_batch, st.micro_batch);
-        set!(c.warmup_steps, st.warmup_steps);
-        if let Some(s) = st
-            .schedule
-            .as_deref()
-            .and_then(crate::train::optim::Schedule::from_name)
-        {
-            c.schedule = s;
-        }
-        set!(c.adamw.weight_decay, st.weight_decay);
-        set!(c.max_grad_norm, st.max_grad_norm);
-        set!(c.seed, st.seed);
-        set!(c.lora.r, st.r);
-        set!(c.lora.alpha, st.alpha);
-        set!(c.lora.rslora, st.rslora);
-        set!(c.lora.dropout, st.dropout);
-        set!(c.lora.targets, st.targets);
-        set!(c.save_every, st.save_every);
-        set!(c.bf16_base, st.bf16_base);
-        if let Some(s) = seed {
-            c.seed = s;
-        }
-        c.micro_batch = c.micro_batch.min(c.batch_size);
-        c.max_steps = st.max_steps;
-        c
+        .apply(preset)
     }
 
     /// Stages in dependency order, each for every variant.
