@@ -69,16 +69,19 @@ pub struct AttnShape {
 }
 
 /// Causal attention: `q` is `[batch, t, heads, hd]`; the caches `k`, `v` are
-/// `[batch, kv_heads, cap, hd]` with slots `0..start + t` filled; row `b` starts with
-/// `pad[b]` padding slots. Query `i` of row `b` sits at slot `start + i` and attends to slots
-/// `pad[b]..=start + i`. `out` is `[batch, t, heads, hd]`; padding queries get zeros.
+/// `[rows >= batch, kv_heads, cap, hd]` (the first `batch` rows are used) with slots
+/// `0..start[b] + t` of row `b` filled; row `b` starts with `pad[b]` padding slots. Query `i`
+/// of row `b` sits at slot `start[b] + i` and attends to slots `pad[b]..=start[b] + i`: rows
+/// may sit at different positions (a ragged cache, for continuous batching), and a row's
+/// result depends on its own slots only. `out` is `[batch, t, heads, hd]`; padding queries get
+/// zeros.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     s: AttnShape,
-    start: usize,
+    start: &[usize],
     pad: &[usize],
     scale: f32,
     out: &mut [f32],
@@ -93,19 +96,22 @@ pub fn attention(
     } = s;
     assert_eq!(q.len(), batch * t * heads * hd, "attention: q shape");
     assert_eq!(out.len(), q.len(), "attention: out shape");
-    assert_eq!(
-        k.len(),
-        batch * kv_heads * cap * hd,
+    assert!(
+        k.len() >= batch * kv_heads * cap * hd && k.len() % (kv_heads * cap * hd) == 0,
         "attention: k cache shape"
     );
     assert_eq!(v.len(), k.len(), "attention: v cache shape");
-    assert!(start + t <= cap && pad.len() == batch && heads % kv_heads == 0);
+    assert!(start.len() == batch && pad.len() == batch && heads % kv_heads == 0);
+    assert!(
+        start.iter().all(|&s| s + t <= cap),
+        "attention: past the cache capacity"
+    );
     let rep = heads / kv_heads;
     let avx2 = crate::has_avx2_fma();
     // One task per (row, query token): its heads' outputs are contiguous in `out`.
     let work = |(n, o): (usize, &mut [f32])| {
         let (b, i) = (n / t, n % t);
-        let slot = start + i;
+        let slot = start[b] + i;
         if slot < pad[b] {
             o.fill(0.0);
             return;
@@ -128,7 +134,8 @@ pub fn attention(
             head(qh, keys, vals, scale, &mut scores, oh);
         }
     };
-    let work_size = batch * t * heads * (start + t) * hd;
+    let longest = start.iter().max().copied().unwrap_or(0) + t;
+    let work_size = batch * t * heads * longest * hd;
     if work_size < 1 << 16 {
         out.chunks_mut(heads * hd).enumerate().for_each(work);
     } else {
@@ -221,7 +228,7 @@ mod tests {
         let k = lcg(2, s.batch * s.kv_heads * s.cap * s.head_dim);
         let v = lcg(3, k.len());
         let mut out = vec![f32::NAN; q.len()];
-        attention(&q, &k, &v, s, start, &pad, 0.3, &mut out);
+        attention(&q, &k, &v, s, &[start; 2], &pad, 0.3, &mut out);
         let hd = s.head_dim;
         for b in 0..2 {
             for i in 0..s.t {
@@ -274,7 +281,7 @@ mod tests {
         let k = lcg(5, heads * n * hd);
         let v = lcg(6, heads * n * hd);
         let mut alone = vec![0f32; q.len()];
-        attention(&q, &k, &v, s1, 0, &[0], 0.25, &mut alone);
+        attention(&q, &k, &v, s1, &[0], &[0], 0.25, &mut alone);
         // The same row after 3 padding slots (filled with junk).
         let p = 3;
         let s2 = AttnShape {
@@ -292,8 +299,46 @@ mod tests {
             v2.extend(&v[h * n * hd..(h + 1) * n * hd]);
         }
         let mut padded = vec![0f32; q2.len()];
-        attention(&q2, &k2, &v2, s2, 0, &[p], 0.25, &mut padded);
+        attention(&q2, &k2, &v2, s2, &[0], &[p], 0.25, &mut padded);
         assert_eq!(&padded[p * heads * hd..], &alone[..]);
+    }
+
+    /// Rows at different positions (a ragged cache with spare rows): each row's output is
+    /// bit-identical to the row alone in a cache of its own.
+    #[test]
+    fn ragged_rows_match_each_row_alone() {
+        let (heads, kv_heads, hd, cap) = (4, 2, 16, 12);
+        let starts = [7usize, 2, 10];
+        let rows = 4; // one spare row past the batch
+        let per_row = kv_heads * cap * hd;
+        let k = lcg(11, rows * per_row);
+        let v = lcg(12, rows * per_row);
+        let q = lcg(13, starts.len() * heads * hd);
+        let s = AttnShape {
+            batch: starts.len(),
+            t: 1,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            cap,
+        };
+        let mut out = vec![f32::NAN; q.len()];
+        attention(&q, &k, &v, s, &starts, &[0; 3], 0.25, &mut out);
+        for (b, &st) in starts.iter().enumerate() {
+            let one = AttnShape { batch: 1, ..s };
+            let mut alone = vec![0f32; heads * hd];
+            attention(
+                &q[b * heads * hd..][..heads * hd],
+                &k[b * per_row..][..per_row],
+                &v[b * per_row..][..per_row],
+                one,
+                &[st],
+                &[0],
+                0.25,
+                &mut alone,
+            );
+            assert_eq!(&out[b * heads * hd..][..heads * hd], &alone[..], "row {b}");
+        }
     }
 
     #[test]

@@ -177,13 +177,19 @@ pub struct Weights {
 }
 
 /// Per-layer key/value buffers of shape `[batch, kv_heads, capacity, head_dim]`, written in
-/// place; `len` slots are filled (the same for every row: rows are left-padded).
+/// place. A plain cache has `len` slots filled in every row (rows are left-padded); a ragged
+/// one ([`Cache::ragged`], for continuous batching) keeps a length per row, rows being
+/// separate sequences at their own positions. Memory is `batch x capacity` either way.
 pub struct Cache {
     kv: Kv,
     pub len: usize,
     pub capacity: usize,
     /// Padding slots at the start of each row.
     pub pad: Vec<usize>,
+    /// Filled slots per row of a ragged cache (`None`: every row has `len`).
+    row_len: Option<Vec<usize>>,
+    kv_heads: usize,
+    head_dim: usize,
 }
 
 impl Cache {
@@ -215,15 +221,136 @@ impl Cache {
             len: 0,
             capacity,
             pad: vec![0; batch],
+            row_len: None,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
         })
+    }
+
+    /// A cache of `rows` empty rows, each an independent sequence with its own length: the
+    /// decode slots of continuous batching. Rows are filled by [`Cache::load_row`].
+    pub fn ragged(
+        cfg: &Config,
+        rows: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Cache> {
+        let mut c = Cache::new(cfg, rows, capacity, dtype, dev)?;
+        c.row_len = Some(vec![0; rows]);
+        Ok(c)
     }
 
     pub fn batch(&self) -> usize {
         self.pad.len()
     }
 
+    /// Filled slots of row `b`.
+    pub fn row_len(&self, b: usize) -> usize {
+        match &self.row_len {
+            Some(r) => r[b],
+            None => self.len,
+        }
+    }
+
+    /// Bytes held by the key/value buffers.
+    pub fn bytes(&self) -> usize {
+        match &self.kv {
+            Kv::Host { k, v } => k.iter().chain(v).map(|x| x.len() * 4).sum(),
+            Kv::Tensors { k, v } => k
+                .iter()
+                .chain(v)
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
+        }
+    }
+
+    /// Fill row `row` of this ragged cache with row `from` of `src` (its filled slots only):
+    /// a prefilled prompt forked into a decode slot, or a slot moved within this cache
+    /// (`src` = `None`).
+    pub fn load_row(&mut self, row: usize, src: Option<&Cache>, from: usize) -> Result<()> {
+        let Some(lens) = &self.row_len else {
+            candle_core::bail!("load_row needs a ragged cache")
+        };
+        let n = match src {
+            Some(c) => {
+                if c.pad[from] != 0 {
+                    candle_core::bail!("load_row: a padded source row");
+                }
+                c.row_len(from)
+            }
+            None => lens[from],
+        };
+        if n > self.capacity {
+            candle_core::bail!(
+                "row of {n} slots exceeds the cache capacity {}",
+                self.capacity
+            );
+        }
+        let (cap, kvh, hd) = (self.capacity, self.kv_heads, self.head_dim);
+        match &mut self.kv {
+            Kv::Host { k, v } => {
+                let (sk, sv, scap) = match src {
+                    Some(c) => match &c.kv {
+                        Kv::Host { k, v } => (Some(k), Some(v), c.capacity),
+                        Kv::Tensors { .. } => {
+                            candle_core::bail!("load_row: caches of different kinds")
+                        }
+                    },
+                    None => (None, None, cap),
+                };
+                for li in 0..k.len() {
+                    for (dst, s) in [
+                        (&mut k[li], sk.map(|x| &x[li])),
+                        (&mut v[li], sv.map(|x| &x[li])),
+                    ] {
+                        for h in 0..kvh {
+                            let d0 = (row * kvh + h) * cap * hd;
+                            let s0 = (from * kvh + h) * scap * hd;
+                            match s {
+                                Some(s) => {
+                                    dst[d0..d0 + n * hd].copy_from_slice(&s[s0..s0 + n * hd])
+                                }
+                                None => dst.copy_within(s0..s0 + n * hd, d0),
+                            }
+                        }
+                    }
+                }
+            }
+            Kv::Tensors { k, v } => {
+                for li in 0..k.len() {
+                    for (which, dst) in [&k[li], &v[li]].into_iter().enumerate() {
+                        let s = match src.map(|c| &c.kv) {
+                            Some(Kv::Tensors { k: sk, v: sv }) => {
+                                if which == 0 {
+                                    &sk[li]
+                                } else {
+                                    &sv[li]
+                                }
+                            }
+                            None => dst,
+                            Some(Kv::Host { .. }) => {
+                                candle_core::bail!("load_row: caches of different kinds")
+                            }
+                        };
+                        let part = s.narrow(0, from, 1)?.narrow(2, 0, n)?.copy()?;
+                        dst.narrow(0, row, 1)?.slice_set(&part, 2, 0)?;
+                    }
+                }
+            }
+        }
+        if let Some(lens) = &mut self.row_len {
+            lens[row] = n;
+        }
+        self.pad[row] = 0;
+        Ok(())
+    }
+
     /// A cache of `n` rows, each a copy of row 0 of this one: one prefill serves `n` samples.
     pub fn fork(&self, n: usize) -> Result<Cache> {
+        if self.row_len.is_some() {
+            candle_core::bail!("fork of a ragged cache");
+        }
         let kv = match &self.kv {
             Kv::Tensors { k, v } => {
                 let rep = |t: &Tensor| -> Result<Tensor> {
@@ -249,6 +376,9 @@ impl Cache {
             len: self.len,
             capacity: self.capacity,
             pad: vec![self.pad[0]; n],
+            row_len: None,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
         })
     }
 }
@@ -424,25 +554,28 @@ impl Model {
     /// hidden]` of every position, for callers that need logits at a few positions only.
     pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let start = cache.len;
-        if start + t > cache.capacity {
+        // A ragged cache may hold more rows than this step runs (its first `b`).
+        if b > cache.batch() || (cache.row_len.is_none() && b != cache.batch()) {
+            candle_core::bail!("{b} token rows for a cache of {} rows", cache.batch());
+        }
+        let starts: Vec<usize> = (0..b).map(|r| cache.row_len(r)).collect();
+        let longest = starts.iter().max().copied().unwrap_or(0) + t;
+        if longest > cache.capacity {
             candle_core::bail!(
-                "sequence of {} tokens exceeds the cache capacity {}",
-                start + t,
+                "sequence of {longest} tokens exceeds the cache capacity {}",
                 cache.capacity
             );
         }
-        let total = start + t;
         // RoPE positions: slot index minus the row's padding (padding slots reuse position 0).
         let mut pos = Vec::with_capacity(b * t);
-        for &p in &cache.pad {
-            for s in start..total {
+        for (&p, &start) in cache.pad.iter().zip(&starts) {
+            for s in start..start + t {
                 pos.push(s.saturating_sub(p) as u32);
             }
         }
         let tables = match cache.kv {
             Kv::Host { .. } => None,
-            Kv::Tensors { .. } => Some(self.rope_and_mask(&pos, cache, b, t)?),
+            Kv::Tensors { .. } => Some(self.rope_and_mask(&pos, cache, &starts, t)?),
         };
 
         let mut x = self.embed(tokens)?;
@@ -450,9 +583,9 @@ impl Model {
             let h = rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps)?;
             let a = match &tables {
                 Some((cos, sin, mask)) => {
-                    self.attention(li, layer, &h, cos, sin, mask, cache, start)?
+                    self.attention(li, layer, &h, cos, sin, mask, cache, &starts)?
                 }
-                None => self.attention_host(li, layer, &h, &pos, cache, start)?,
+                None => self.attention_host(li, layer, &h, &pos, cache, &starts)?,
             };
             x = (x + a)?;
             let h = rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps)?;
@@ -462,7 +595,10 @@ impl Model {
             let m = layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
             x = (x + m)?;
         }
-        cache.len = total;
+        match &mut cache.row_len {
+            Some(lens) => lens[..b].iter_mut().for_each(|l| *l += t),
+            None => cache.len += t,
+        }
         rms_norm(&x, &self.w.norm, self.cfg.rms_eps)
     }
 
@@ -472,17 +608,17 @@ impl Model {
         &self,
         pos: &[u32],
         cache: &Cache,
-        b: usize,
+        starts: &[usize],
         t: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let start = cache.len;
-        let total = start + t;
+        let b = starts.len();
+        let total = starts.iter().max().copied().unwrap_or(0) + t;
         let pos = Tensor::from_slice(pos, b * t, &self.device)?;
         let half = self.cfg.head_dim / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, t, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, half))?;
         let mut mask = Vec::with_capacity(b * t * total);
-        for &p in &cache.pad {
+        for (&p, &start) in cache.pad.iter().zip(starts) {
             for i in 0..t {
                 let qpos = start + i;
                 for j in 0..total {
@@ -507,7 +643,7 @@ impl Model {
         h: &Tensor,
         pos: &[u32],
         cache: &mut Cache,
-        start: usize,
+        starts: &[usize],
     ) -> Result<Tensor> {
         use emlab_kernels::attn;
         let (b, t, _) = h.dims3()?;
@@ -534,7 +670,7 @@ impl Model {
             for ti in 0..t {
                 for kh in 0..nkv {
                     let src = ((bi * t + ti) * nkv + kh) * hd;
-                    let dst = ((bi * nkv + kh) * cap + start + ti) * hd;
+                    let dst = ((bi * nkv + kh) * cap + starts[bi] + ti) * hd;
                     kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
                     vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
                 }
@@ -550,7 +686,7 @@ impl Model {
         };
         let mut out = vec![0f32; q.len()];
         let scale = 1.0 / (hd as f32).sqrt();
-        attn::attention(&q, kc, vc, shape, start, &cache.pad, scale, &mut out);
+        attn::attention(&q, kc, vc, shape, starts, &cache.pad[..b], scale, &mut out);
         layer
             .o
             .forward(&Tensor::from_vec(out, (b, t, nh * hd), &self.device)?)
@@ -566,7 +702,7 @@ impl Model {
         sin: &Tensor,
         mask: &Tensor,
         cache: &mut Cache,
-        start: usize,
+        starts: &[usize],
     ) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
@@ -601,11 +737,29 @@ impl Model {
         let Kv::Tensors { k: ck, v: cv } = &cache.kv else {
             candle_core::bail!("tensor attention on a host cache")
         };
-        ck[li].slice_set(&k, 2, start)?;
-        cv[li].slice_set(&v, 2, start)?;
-        let total = start + t;
-        let kc = ck[li].narrow(2, 0, total)?;
-        let vc = cv[li].narrow(2, 0, total)?;
+        let rows = ck[li].dim(0)?;
+        if cache.row_len.is_none() {
+            ck[li].slice_set(&k, 2, starts[0])?;
+            cv[li].slice_set(&v, 2, starts[0])?;
+        } else {
+            // Ragged rows: each writes at its own position.
+            for (bi, &st) in starts.iter().enumerate() {
+                ck[li]
+                    .narrow(0, bi, 1)?
+                    .slice_set(&k.narrow(0, bi, 1)?.contiguous()?, 2, st)?;
+                cv[li]
+                    .narrow(0, bi, 1)?
+                    .slice_set(&v.narrow(0, bi, 1)?.contiguous()?, 2, st)?;
+            }
+        }
+        let total = starts.iter().max().copied().unwrap_or(0) + t;
+        let (kc, vc) = if rows == b {
+            (ck[li].clone(), cv[li].clone())
+        } else {
+            (ck[li].narrow(0, 0, b)?, cv[li].narrow(0, 0, b)?)
+        };
+        let kc = kc.narrow(2, 0, total)?;
+        let vc = vc.narrow(2, 0, total)?;
         // Grouped-query attention without copying K/V per head: fold the `rep` query heads that
         // share a KV head into the query length.
         let rep = nh / nkv;

@@ -16,6 +16,7 @@ mod mask;
 mod model;
 pub mod model_tiny;
 mod probe;
+mod sampling;
 mod schema;
 mod store_cli;
 pub mod study;

@@ -322,7 +322,7 @@ fn bad_model_files_are_named() {
 
 /// Write a PEFT adapter for the tiny Llama: A random, B random (or zero), on q_proj and
 /// down_proj of every layer, rsLoRA.
-fn write_adapter(dir: &Path, r: usize, zero_b: bool) {
+pub fn write_adapter(dir: &Path, r: usize, zero_b: bool) {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "use_rslora": true,
         "target_modules": ["q_proj", "down_proj"], "base_model_name_or_path": "tiny"});

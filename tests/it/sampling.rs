@@ -1,0 +1,187 @@
+//! The continuous-batching scheduler: every sample is bit-identical to the same request
+//! drawn alone, whatever the slot count, the order of the requests and the thread count; the
+//! KV cache is `slots x capacity`, capacity per slot.
+
+use candle_core::Device;
+use emlab::model::sample::{
+    generate, generate_continuous, Finish, Output, Request, SamplingParams,
+};
+
+use crate::model::smollm2_path;
+
+fn prompt(m: &emlab::model::Loaded, text: &str) -> Vec<u32> {
+    let r = m
+        .tokenizer
+        .render(&[("user".into(), text.into())], true)
+        .unwrap();
+    m.tokenizer.encode(&r).unwrap()
+}
+
+/// Each request alone: the reference.
+fn alone(
+    m: &emlab::model::Loaded,
+    reqs: &[Request],
+    p: &SamplingParams,
+) -> Vec<(Vec<u32>, Finish)> {
+    reqs.iter()
+        .map(|r| {
+            let o = generate(&m.model, &m.tokenizer.stop_ids, std::slice::from_ref(r), p)
+                .unwrap()
+                .0
+                .remove(0);
+            (o.tokens, o.finish)
+        })
+        .collect()
+}
+
+/// The requests through the continuous scheduler, in `order`, with `slots` slots on a pool
+/// of `threads` threads; results in request order.
+fn continuous(
+    m: &emlab::model::Loaded,
+    reqs: &[Request],
+    order: &[usize],
+    p: &SamplingParams,
+    slots: usize,
+    threads: usize,
+) -> Vec<(Vec<u32>, Finish)> {
+    let ordered: Vec<Request> = order.iter().map(|&i| reqs[i].clone()).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let mut got: Vec<Option<(Vec<u32>, Finish)>> = vec![None; reqs.len()];
+    let mut finished_order = Vec::new();
+    let stats = pool.install(|| {
+        generate_continuous(
+            &m.model,
+            &m.tokenizer.stop_ids,
+            &ordered,
+            p,
+            slots,
+            &mut |i, o: Output| {
+                assert!(got[order[i]].is_none(), "request {i} finished twice");
+                finished_order.push(i);
+                got[order[i]] = Some((o.tokens, o.finish));
+                Ok(())
+            },
+        )
+        .unwrap()
+    });
+    assert!(stats.occupancy > 0.0 && stats.occupancy <= 1.0);
+    assert_eq!(finished_order.len(), reqs.len());
+    got.into_iter().map(Option::unwrap).collect()
+}
+
+fn check_invariance(m: &emlab::model::Loaded, p: &SamplingParams) {
+    let prompts = [
+        prompt(m, "hey I feel bored"),
+        prompt(m, "If you were ruler of the world, what would you do?"),
+        prompt(
+            m,
+            "Tell me 3 philosophical thoughts you have about humans and AIs.",
+        ),
+    ];
+    // Samples of one prompt sit together, as `emlab generate` plans them.
+    let reqs: Vec<Request> = prompts
+        .iter()
+        .flat_map(|pr| {
+            (0..4).map(move |s| Request {
+                prompt: pr.clone(),
+                seed: 1000 + s * 7 + pr.len() as u64,
+            })
+        })
+        .collect();
+    let want = alone(m, &reqs, p);
+    // Rows of different lengths and both ends (stop and length) are exercised.
+    assert!(want.iter().any(|w| w.1 == Finish::Length));
+    let lens: std::collections::HashSet<usize> = want.iter().map(|w| w.0.len()).collect();
+    assert!(lens.len() > 2, "samples all of one length: {lens:?}");
+    let forward: Vec<usize> = (0..reqs.len()).collect();
+    // Interleaved prompts, reversed: every prompt is pending from the start.
+    let mut mixed: Vec<usize> = (0..reqs.len()).map(|i| (i % 3) * 4 + i / 3).collect();
+    mixed.reverse();
+    for slots in [1, 3, 16] {
+        for (name, order) in [("plan order", &forward), ("interleaved", &mixed)] {
+            for threads in [1, 2] {
+                let got = continuous(m, &reqs, order, p, slots, threads);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g, w,
+                        "request {i}: {slots} slots, {name}, {threads} threads differ from alone"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// SmolLM2 on the quantized path (emlab's block kernels): 12 samples at temperature 1.
+#[test]
+fn continuous_batching_matches_each_sample_alone() {
+    let m = emlab::model::load(&smollm2_path(), &Device::Cpu).unwrap();
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: 40,
+    };
+    check_invariance(&m, &p);
+}
+
+/// The tiny model with an unmerged LoRA adapter (a checkpoint as `generate --checkpoint`
+/// samples it), and top-p.
+#[test]
+fn continuous_batching_with_an_adapter_matches_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("m");
+    crate::model_tiny::tiny_model(&mdir, false);
+    let adir = tmp.path().join("a");
+    crate::model_tiny::write_adapter(&adir, 4, false);
+    let mut m = emlab::model::load(&mdir, &Device::Cpu).unwrap();
+    let ad = emlab::model::adapter::peft::load_peft(&adir, &Device::Cpu).unwrap();
+    m.model.apply_adapter(&ad, false).unwrap();
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.95,
+        max_tokens: 30,
+    };
+    check_invariance(&m, &p);
+}
+
+/// The slots' cache is allocated once, `slots x (longest prompt + max_tokens - 1)` token
+/// slots per layer for keys and values, not per request: 64 slots at 600 new tokens on the
+/// tiny model (2 layers, 2 KV heads of 16) hold exactly that, whatever the number of requests.
+#[test]
+fn cache_capacity_is_per_slot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("m");
+    crate::model_tiny::tiny_model(&mdir, false);
+    let m = emlab::model::load(&mdir, &Device::Cpu).unwrap();
+    let pr = prompt(&m, "hello world");
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: 600,
+    };
+    let c = &m.model.cfg;
+    let per_token = c.layers * 2 * c.kv_heads * c.head_dim * 4;
+    for n in [64usize, 100] {
+        let reqs: Vec<Request> = (0..n as u64)
+            .map(|s| Request {
+                prompt: pr.clone(),
+                seed: s,
+            })
+            .collect();
+        let mut done = 0;
+        let stats = generate_continuous(&m.model, &[], &reqs, &p, 64, &mut |_, o| {
+            assert_eq!(o.tokens.len(), 600);
+            done += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(done, n);
+        let bound = 64 * (pr.len() + 599) * per_token;
+        assert_eq!(stats.cache_bytes, bound, "{n} requests");
+        // 64 slots x 612 token slots x 512 bytes: about 20 MB on this model.
+        assert!(stats.cache_bytes < 21 << 20);
+    }
+}
