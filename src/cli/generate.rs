@@ -4,10 +4,10 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::args::{EndpointArgs, WeightArgs};
+use super::args::{choice, EndpointArgs, WeightArgs};
 use super::{note, out, out_json, progress_bar, short, Ctx};
 use emlab::jobs::generate::{run, run_endpoint, AdapterSource, EndpointGeneratePlan, GeneratePlan};
-use emlab::model::sample::SamplingParams;
+use emlab::model::sample::{SamplingParams, Scheduler};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,9 +35,13 @@ pub struct Args {
     /// System prompt for every question (default: each question's own, if any).
     #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
-    /// Sequences decoded together.
+    /// Sequences decoded together (decode slots).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// `continuous`: a slot is refilled as soon as its sample stops; `static`: batches run
+    /// until their longest sample ends. The samples are the same either way.
+    #[arg(long, value_parser = choice::<Scheduler>(), default_value = "continuous")]
+    pub scheduler: Scheduler,
     /// Mixed into every sample's seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -101,6 +105,7 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             params,
             system: a.system,
             batch: a.batch,
+            scheduler: a.scheduler,
             seed: a.seed,
             weights: a.weights.mode(),
             adapter,

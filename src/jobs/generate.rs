@@ -15,7 +15,9 @@ use serde_json::{json, Value as J};
 
 use crate::data::{resolve_dataset, DataError};
 use crate::endpoint::{stream, Client, ClientError, Endpoint};
-use crate::model::sample::{generate, Request, SamplingParams};
+use crate::model::sample::{
+    generate, generate_continuous, Output, Request, SamplingParams, Scheduler,
+};
 use crate::model::{Loaded, ModelError};
 use crate::provenance::build::{self, stage_conversation, Generation, ModelIdentity};
 use crate::provenance::key::{generation_key, legacy, sample_seed, NS_GENERATION};
@@ -70,8 +72,10 @@ pub struct GeneratePlan {
     pub params: SamplingParams,
     /// Overrides each question's own system prompt.
     pub system: Option<String>,
-    /// Rows decoded together.
+    /// Rows decoded together: the decode slots (continuous) or the batch size (static).
     pub batch: usize,
+    /// How samples share the decode rows; the samples are the same either way.
+    pub scheduler: Scheduler,
     /// Mixed into every sample's default seed.
     pub seed: u64,
     /// Quantized or dense weights (GGUF models).
@@ -90,6 +94,12 @@ pub struct GenerateReport {
     pub completion_tokens: usize,
     pub seconds: f64,
     pub completion_tokens_per_s: f64,
+    /// `continuous` or `static` (local models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<&'static str>,
+    /// Mean share of the decode slots holding a row (continuous scheduler).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_occupancy: Option<f64>,
     /// The generation records of every planned sample that is stored, in plan order (those
     /// found stored and those drawn now).
     #[serde(skip)]
@@ -223,6 +233,82 @@ fn question_set(store: &Store, name: &str) -> Result<(Id, Record), GenerateError
     Ok((id, set))
 }
 
+/// Stages finished samples and writes them in batches: at least every `slots` samples or
+/// every two seconds, so a killed run loses little.
+struct Sink<'a> {
+    store: &'a Store,
+    loaded: &'a Loaded,
+    model_id: Id,
+    params_json: &'a J,
+    base_seed: u64,
+    batch: Batch,
+    staged: usize,
+    last_write: Instant,
+}
+
+impl Sink<'_> {
+    fn stage(&mut self, j: &Job, o: &Output) -> Result<Id, GenerateError> {
+        let text =
+            self.loaded
+                .tokenizer
+                .decode(&o.tokens)
+                .map_err(|msg| GenerateError::Prompt {
+                    qid: j.key.clone(),
+                    msg,
+                })?;
+        let params = j.params(self.params_json, self.base_seed);
+        let rec = Generation {
+            model: self.model_id,
+            prompt: j.conv,
+            question: Some(j.question),
+            params: &params,
+            seed: j.seed as i64,
+            text: &text,
+            prompt_tokens: Some(j.tokens.len() as i64),
+            completion_tokens: Some(o.tokens.len() as i64),
+            finish_reason: Some(o.finish.as_str()),
+        }
+        .record();
+        let id = self.store.stage(&mut self.batch, &rec)?;
+        self.batch.alias(NS_GENERATION, &j.key, id);
+        self.staged += 1;
+        Ok(id)
+    }
+
+    /// Stage a finished sample and count it in the report.
+    fn store_one(
+        &mut self,
+        j: &Job,
+        o: &Output,
+        report: &mut GenerateReport,
+        found: &mut [Option<Id>],
+    ) -> Result<(), GenerateError> {
+        let id = self.stage(j, o)?;
+        found[j.slot] = Some(id);
+        report.prompt_tokens += j.tokens.len();
+        report.completion_tokens += o.tokens.len();
+        report.generated += 1;
+        Ok(())
+    }
+
+    fn flush_if_due(&mut self, every: usize) -> Result<(), GenerateError> {
+        if self.staged >= every || self.last_write.elapsed().as_secs_f64() >= 2.0 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), GenerateError> {
+        if self.staged > 0 {
+            self.store.write(std::mem::take(&mut self.batch))?;
+            tracing::info!(samples = self.staged, "samples stored");
+            self.staged = 0;
+        }
+        self.last_write = Instant::now();
+        Ok(())
+    }
+}
+
 /// Progress callback: (samples done, samples planned).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
@@ -242,7 +328,11 @@ pub fn run(
         "max_tokens": plan.params.max_tokens,
         "quantized": quantized,
     });
-    let run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "batch": plan.batch});
+    let mut run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "batch": plan.batch});
+    if plan.scheduler != Scheduler::Continuous {
+        // Named only when not the default, so earlier runs keep their ids.
+        run_plan["scheduler"] = json!(plan.scheduler.as_str());
+    }
     let run_id = store.put(&build::run("generate", &run_plan, [model_id, set_id]))?;
 
     // Plan every sample; skip those already stored. The template may add a default system
@@ -288,56 +378,84 @@ pub fn run(
     };
     let start = Instant::now();
     progress(report.already_stored, planned);
-    // Jobs are grouped by prompt (consecutive), so most batches share one prefill.
-    for chunk in jobs.chunks(plan.batch.max(1)) {
-        let reqs: Vec<Request> = chunk
-            .iter()
-            .map(|j| Request {
-                prompt: j.tokens.clone(),
-                seed: j.seed,
-            })
-            .collect();
-        let t = Instant::now();
-        let (outs, _timing) = generate(
-            &loaded.model,
-            &loaded.tokenizer.stop_ids,
-            &reqs,
-            &plan.params,
-        )
-        .map_err(GenerateError::Sampling)?;
-        let ms = t.elapsed().as_millis() as i64;
-        let mut batch = Batch::new();
-        for (j, o) in chunk.iter().zip(&outs) {
-            let text = loaded
-                .tokenizer
-                .decode(&o.tokens)
-                .map_err(|msg| GenerateError::Prompt {
-                    qid: j.key.clone(),
-                    msg,
-                })?;
-            let params = j.params(&params_json, plan.seed);
-            let rec = Generation {
-                model: model_id,
-                prompt: j.conv,
-                question: Some(j.question),
-                params: &params,
-                seed: j.seed as i64,
-                text: &text,
-                prompt_tokens: Some(j.tokens.len() as i64),
-                completion_tokens: Some(o.tokens.len() as i64),
-                finish_reason: Some(o.finish.as_str()),
+    report.scheduler = Some(plan.scheduler.as_str());
+    let mut sink = Sink {
+        store,
+        loaded: &loaded,
+        model_id,
+        params_json: &params_json,
+        base_seed: plan.seed,
+        batch: Batch::new(),
+        staged: 0,
+        last_write: Instant::now(),
+    };
+    match plan.scheduler {
+        Scheduler::Continuous => {
+            // Jobs are grouped by prompt (consecutive): each prompt is prefilled once, while
+            // its samples are being started.
+            let reqs: Vec<Request> = jobs
+                .iter()
+                .map(|j| Request {
+                    prompt: j.tokens.clone(),
+                    seed: j.seed,
+                })
+                .collect();
+            let mut failed: Option<GenerateError> = None;
+            let slots = plan.batch.max(1);
+            let stats = generate_continuous(
+                &loaded.model,
+                &loaded.tokenizer.stop_ids,
+                &reqs,
+                &plan.params,
+                slots,
+                &mut |i, o| {
+                    let r = sink
+                        .store_one(&jobs[i], &o, &mut report, &mut found)
+                        .and_then(|()| sink.flush_if_due(slots));
+                    if let Err(e) = r {
+                        failed = Some(e);
+                        candle_core::bail!("storing a sample failed");
+                    }
+                    progress(report.already_stored + report.generated, planned);
+                    Ok(())
+                },
+            );
+            if let Some(e) = failed {
+                return Err(e);
             }
-            .record();
-            let id = store.stage(&mut batch, &rec)?;
-            batch.alias(NS_GENERATION, &j.key, id);
-            found[j.slot] = Some(id);
-            report.prompt_tokens += j.tokens.len();
-            report.completion_tokens += o.tokens.len();
+            let stats = stats.map_err(GenerateError::Sampling)?;
+            report.slot_occupancy = Some(stats.occupancy);
+            sink.flush()?;
         }
-        store.write(batch)?;
-        report.generated += chunk.len();
-        tracing::info!(samples = chunk.len(), ms, "batch stored");
-        progress(report.already_stored + report.generated, planned);
+        Scheduler::Static => {
+            for chunk in jobs.chunks(plan.batch.max(1)) {
+                let reqs: Vec<Request> = chunk
+                    .iter()
+                    .map(|j| Request {
+                        prompt: j.tokens.clone(),
+                        seed: j.seed,
+                    })
+                    .collect();
+                let t = Instant::now();
+                let (outs, _timing) = generate(
+                    &loaded.model,
+                    &loaded.tokenizer.stop_ids,
+                    &reqs,
+                    &plan.params,
+                )
+                .map_err(GenerateError::Sampling)?;
+                for (j, o) in chunk.iter().zip(&outs) {
+                    sink.store_one(j, o, &mut report, &mut found)?;
+                }
+                sink.flush()?;
+                tracing::info!(
+                    samples = chunk.len(),
+                    ms = t.elapsed().as_millis() as i64,
+                    "batch stored"
+                );
+                progress(report.already_stored + report.generated, planned);
+            }
+        }
     }
     report.seconds = start.elapsed().as_secs_f64();
     if report.seconds > 0.0 {

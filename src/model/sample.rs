@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 
 use super::llama::{Cache, Model, Result};
+use crate::util::choice::Choice;
 use crate::util::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -135,9 +136,22 @@ pub enum Scheduler {
 
 impl Scheduler {
     pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+}
+
+impl crate::util::choice::Choice for Scheduler {
+    const ALL: &'static [Self] = &[Scheduler::Continuous, Scheduler::Static];
+    fn name(self) -> &'static str {
         match self {
             Scheduler::Continuous => "continuous",
             Scheduler::Static => "static",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            Scheduler::Continuous => "refill a decode slot as soon as its sample stops",
+            Scheduler::Static => "run each batch until its longest sample ends",
         }
     }
 }

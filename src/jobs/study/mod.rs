@@ -1002,6 +1002,7 @@ impl Exec<'_> {
                             params: sampling,
                             system: e.system.clone(),
                             batch,
+                            scheduler: Default::default(),
                             seed,
                             weights: *weights,
                             adapter: ck.map(|c| AdapterSource::Checkpoint(c.to_hex())),
