@@ -97,7 +97,7 @@ pub fn attention(
     assert_eq!(q.len(), batch * t * heads * hd, "attention: q shape");
     assert_eq!(out.len(), q.len(), "attention: out shape");
     assert!(
-        k.len() >= batch * kv_heads * cap * hd && k.len() % (kv_heads * cap * hd) == 0,
+        k.len() >= batch * kv_heads * cap * hd && k.len().is_multiple_of(kv_heads * cap * hd),
         "attention: k cache shape"
     );
     assert_eq!(v.len(), k.len(), "attention: v cache shape");
