@@ -666,11 +666,11 @@ impl Model {
         };
         let (kc, vc) = (&mut kc[li], &mut vc[li]);
         // [b, t, kv_heads, hd] → slots start..start+t of [b, kv_heads, cap, hd].
-        for bi in 0..b {
+        for (bi, &st) in starts.iter().enumerate() {
             for ti in 0..t {
                 for kh in 0..nkv {
                     let src = ((bi * t + ti) * nkv + kh) * hd;
-                    let dst = ((bi * nkv + kh) * cap + starts[bi] + ti) * hd;
+                    let dst = ((bi * nkv + kh) * cap + st + ti) * hd;
                     kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
                     vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
                 }
