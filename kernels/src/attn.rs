@@ -184,7 +184,7 @@ fn head(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, sc: &mut [f32], o: &m
 
 /// Dot product in 16 fixed lanes (vectorizes), then a fixed reduction.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut ca = a.chunks_exact(16);
     let mut cb = b.chunks_exact(16);

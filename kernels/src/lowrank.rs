@@ -39,6 +39,53 @@ fn run(c: &mut [f32], u: &[f32], w: &[f32], r: usize, n: usize) {
     product(c, u, false, w, r, n, Mask::Full)
 }
 
+/// `u[m×r] = x[m×k] · aᵀ` for `a` of `r` rows of `k` (an adapter's `A`): one dot product
+/// per element, each summed in the same fixed order whatever `m` and the thread split, so a
+/// row's result does not depend on the other rows. Rows in parallel past 32.
+pub fn dot_rows(u: &mut [f32], x: &[f32], a: &[f32], k: usize) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k),
+        "dot_rows: x is not rows of {k}"
+    );
+    assert!(a.len().is_multiple_of(k), "dot_rows: a is not rows of {k}");
+    let (m, r) = (x.len() / k, a.len() / k);
+    assert_eq!(u.len(), m * r, "dot_rows: u is not [{m}, {r}]");
+    if r == 0 {
+        return;
+    }
+    let work = |(ub, xb): (&mut [f32], &[f32])| {
+        #[cfg(target_arch = "x86_64")]
+        if crate::has_avx2_fma() {
+            // SAFETY: AVX2 was detected at run time.
+            return unsafe { dots_avx2(ub, xb, a, k) };
+        }
+        dots(ub, xb, a, k)
+    };
+    if m <= ROWS {
+        work((u, x));
+    } else {
+        u.par_chunks_mut(ROWS * r)
+            .zip(x.par_chunks(ROWS * k))
+            .for_each(work);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(u: &mut [f32], x: &[f32], a: &[f32], k: usize) {
+    dots(u, x, a, k)
+}
+
+#[inline(always)]
+fn dots(u: &mut [f32], x: &[f32], a: &[f32], k: usize) {
+    let r = a.len() / k;
+    for (ui, xi) in u.chunks_exact_mut(r).zip(x.chunks_exact(k)) {
+        for (o, aj) in ui.iter_mut().zip(a.chunks_exact(k)) {
+            *o = crate::attn::dot(xi, aj);
+        }
+    }
+}
+
 /// Which part of `c += u·w` matters, for causal attention products over `t × t` matrices
 /// whose row `i` is position `i`. The kernel computes at least that part (whole register
 /// tiles); whatever else it computes is exact for zero inputs and otherwise to be ignored.

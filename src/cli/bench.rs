@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::{note, out, out_json, Ctx};
+use emlab::model::sample::Scheduler;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
@@ -15,19 +16,44 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
-    /// Prefill and decode tokens/s of a local model.
+    /// Prefill and decode tokens/s of a local model on random prompts; with `--workload em`,
+    /// useful tokens/s of the EM sampling workload (a question set, N samples each at
+    /// temperature 1 with natural stopping, as `emlab generate` samples it).
     Generate {
         /// A .gguf file or a Hugging Face model directory.
         #[arg(long)]
         model: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
+        /// Rows decoded together (default 1; 16 with --workload).
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, default_value_t = 128, conflicts_with = "workload")]
         prompt_len: usize,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, conflicts_with = "workload")]
         new_tokens: usize,
         #[command(flatten)]
         weights: super::args::WeightArgs,
+        /// `em`: the EM protocol's sampling workload.
+        #[arg(long, value_parser = ["em"])]
+        workload: Option<String>,
+        /// Question set (name or id); default: the EM paper's 8 first-plot questions.
+        #[arg(long, requires = "workload")]
+        questions: Option<String>,
+        /// Samples per question paraphrase.
+        #[arg(long, default_value_t = 32, requires = "workload")]
+        samples: usize,
+        #[arg(long, default_value_t = 600, requires = "workload")]
+        max_tokens: usize,
+        #[arg(long, value_parser = super::args::choice::<Scheduler>(), default_value = "continuous", requires = "workload")]
+        scheduler: Scheduler,
+        /// A checkpoint from `emlab train` (id or prefix) to sample from.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Merge the checkpoint's adapter into the weights, as `generate --merge-adapter`.
+        #[arg(long, requires = "checkpoint")]
+        merge_adapter: bool,
+        /// Mixed into every sample's seed, as `generate --seed`.
+        #[arg(long, default_value_t = 0, requires = "workload")]
+        seed: u64,
     },
     /// LoRA training steps/s and tokens/s of a local model (random rows, em-paper adapter).
     Train {
@@ -65,20 +91,65 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
         BenchCmd::Generate {
             model,
             batch,
+            weights,
+            workload: Some(_),
+            questions,
+            samples,
+            max_tokens,
+            scheduler,
+            checkpoint,
+            merge_adapter,
+            seed,
+            ..
+        } => {
+            let store = ctx.open()?;
+            let plan = emlab::jobs::bench::WorkloadPlan {
+                model: model.clone(),
+                weights: weights.mode(),
+                adapter: checkpoint.map(|id| emlab::jobs::load::AdapterSource::Checkpoint {
+                    id,
+                    merge: merge_adapter,
+                }),
+                questions,
+                samples,
+                max_tokens,
+                batch: batch.unwrap_or(16),
+                scheduler,
+                seed,
+            };
+            let r = emlab::jobs::bench::bench_workload(&store, &plan)
+                .with_context(|| format!("benchmarking the EM workload on {}", model.display()))?;
+            drop(store);
+            ("model.generate.workload", r)
+        }
+        BenchCmd::Generate {
+            model,
+            batch,
             prompt_len,
             new_tokens,
             weights,
-        } => (
-            "model.generate",
-            emlab::jobs::bench::bench_generate(
+            checkpoint,
+            merge_adapter,
+            ..
+        } => {
+            let store = ctx.open()?;
+            let adapter = checkpoint.map(|id| emlab::jobs::load::AdapterSource::Checkpoint {
+                id,
+                merge: merge_adapter,
+            });
+            let r = emlab::jobs::bench::bench_generate(
+                &store,
                 &model,
-                batch,
+                adapter.as_ref(),
+                batch.unwrap_or(1),
                 prompt_len,
                 new_tokens,
                 weights.mode(),
             )
-            .with_context(|| format!("benchmarking {}", model.display()))?,
-        ),
+            .with_context(|| format!("benchmarking {}", model.display()))?;
+            drop(store);
+            ("model.generate", r)
+        }
         BenchCmd::Train {
             model,
             batch,

@@ -50,11 +50,14 @@ pub struct Args {
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long, conflicts_with = "checkpoint")]
     pub adapter: Option<PathBuf>,
-    /// A checkpoint from `emlab train` (id or prefix): its adapter, merged into --model.
+    /// A checkpoint from `emlab train` (id or prefix): its adapter, applied to --model
+    /// alongside the base weights (on quantized weights its share is added into each block
+    /// product), or merged into them with --merge-adapter.
     #[arg(long, requires = "model")]
     pub checkpoint: Option<String>,
-    /// Merge the adapter into the base weights before sampling.
-    #[arg(long, requires = "adapter")]
+    /// Merge the adapter into the base weights before sampling (dense weights: 4x the
+    /// memory of Q4 blocks, and slower on the CPU).
+    #[arg(long)]
     pub merge_adapter: bool,
 }
 
@@ -95,7 +98,10 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
                 dir,
                 merge: a.merge_adapter,
             }),
-            (None, Some(ck)) => Some(AdapterSource::Checkpoint(ck)),
+            (None, Some(id)) => Some(AdapterSource::Checkpoint {
+                id,
+                merge: a.merge_adapter,
+            }),
             (None, None) => None,
         };
         let plan = GeneratePlan {

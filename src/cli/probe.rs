@@ -81,7 +81,11 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     };
     let plan = ProbePlan {
         model: a.model.clone(),
-        adapter: a.checkpoint.map(AdapterSource::Checkpoint),
+        // Merged, as the probe always scored checkpoints (teacher-forced prefill runs on
+        // dense weights at full speed).
+        adapter: a
+            .checkpoint
+            .map(|id| AdapterSource::Checkpoint { id, merge: true }),
         weights: a.weights.mode(),
         reference,
         labels: Labels {

@@ -30,6 +30,10 @@ pub enum BenchError {
     Store(#[from] emlab_store::Error),
     #[error("sampling failed: {0}")]
     Sampling(#[from] candle_core::Error),
+    #[error(transparent)]
+    Generate(crate::jobs::generate::GenerateError),
+    #[error("question `{0}`: {1}")]
+    Prompt(String, String),
 }
 
 impl Hint for BenchError {
@@ -39,7 +43,8 @@ impl Hint for BenchError {
             BenchError::Train(e) => e.hint(),
             BenchError::Data(e) => e.hint(),
             BenchError::Store(e) => e.hint(),
-            BenchError::Sampling(_) => None,
+            BenchError::Generate(e) => e.hint(),
+            BenchError::Sampling(_) | BenchError::Prompt(..) => None,
         }
     }
 }
@@ -119,16 +124,17 @@ pub fn bench_store(n: usize, repeat: usize) -> Result<(J, J), DataError> {
 /// Prefill and decode throughput of a model: `batch` distinct prompts of `prompt_len` tokens,
 /// then `new_tokens` sampled tokens each (temperature 1, no stop token).
 pub fn bench_generate(
+    store: &Store,
     model: &Path,
+    adapter: Option<&crate::jobs::load::AdapterSource>,
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
     weights: crate::model::WeightMode,
 ) -> Result<(J, J), BenchError> {
     use crate::model::sample::{generate, Request, SamplingParams};
-    let device = crate::model::device();
-    let mut m = crate::model::load(model, &device)?;
-    let quantized = weights.apply(&mut m.model)?;
+    let (m, quantized) = crate::jobs::load::load_model(store, model, weights, adapter)?;
+    let device = m.model.device.clone();
     let vocab = m.model.cfg.vocab as u64;
     let reqs: Vec<Request> = (0..batch.max(1))
         .map(|b| {
@@ -228,4 +234,138 @@ fn tempdir() -> Result<std::path::PathBuf, DataError> {
     ));
     let _ = std::fs::remove_dir_all(&p);
     Ok(p)
+}
+
+/// The EM sampling workload ([`bench_workload`]): what `emlab generate` does for a question
+/// set, timed, without storing the samples.
+#[derive(Debug, Clone)]
+pub struct WorkloadPlan {
+    pub model: std::path::PathBuf,
+    pub weights: crate::model::WeightMode,
+    pub adapter: Option<crate::jobs::load::AdapterSource>,
+    /// A question set in the store; `None`: the EM paper's first-plot questions (imported
+    /// from the data folder as `em/first-plot` if absent), the first 8.
+    pub questions: Option<String>,
+    pub samples: usize,
+    pub max_tokens: usize,
+    /// Decode slots (continuous) or batch size (static).
+    pub batch: usize,
+    pub scheduler: crate::model::sample::Scheduler,
+    pub seed: u64,
+}
+
+/// The question set the EM workload samples when none is named: the EM paper's eight
+/// headline questions.
+pub const DEFAULT_WORKLOAD_QUESTIONS: &str = "em/first-plot";
+const DEFAULT_WORKLOAD_FILE: &str = "emergent-misalignment/evaluation/first_plot_questions.yaml";
+
+/// Sample a question set as `emlab generate` would (temperature 1, top-p 1, natural stopping,
+/// the same prompts and seeds) with the chosen scheduler, and report useful tokens/s: the
+/// tokens of the answers, which are what a run stores. Loading is not timed.
+pub fn bench_workload(store: &Store, plan: &WorkloadPlan) -> Result<(J, J), BenchError> {
+    use crate::jobs::generate::{question_prompts, question_set};
+    use crate::model::sample::{
+        generate, generate_continuous, Finish, Request, SamplingParams, Scheduler,
+    };
+    use crate::provenance::key::sample_seed;
+    let (name, take) = match &plan.questions {
+        Some(n) => (n.clone(), None),
+        None => {
+            if crate::data::resolve_dataset(store, DEFAULT_WORKLOAD_QUESTIONS).is_err() {
+                let path = crate::jobs::study::spec::data_dir().join(DEFAULT_WORKLOAD_FILE);
+                import(
+                    store,
+                    &ImportPlan {
+                        path,
+                        name: DEFAULT_WORKLOAD_QUESTIONS.into(),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            (DEFAULT_WORKLOAD_QUESTIONS.to_string(), Some(8))
+        }
+    };
+    let (set_id, set) = question_set(store, &name).map_err(BenchError::Generate)?;
+    let (loaded, quantized) =
+        crate::jobs::load::load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
+    let model_id = loaded.record().id()?;
+    let prompts = question_prompts(store, &set, &None, take).map_err(BenchError::Generate)?;
+    let mut reqs = Vec::new();
+    for q in &prompts {
+        let text = loaded
+            .tokenizer
+            .render(&q.messages, true)
+            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
+        let tokens = loaded
+            .tokenizer
+            .encode(&text)
+            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
+        for si in 0..plan.samples {
+            reqs.push(Request {
+                prompt: tokens.clone(),
+                seed: sample_seed(plan.seed, q.question, q.paraphrase, si),
+            });
+        }
+    }
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: plan.max_tokens,
+    };
+    let (m, stop) = (&loaded.model, &loaded.tokenizer.stop_ids);
+    let slots = plan.batch.max(1);
+    let mut lens = Vec::with_capacity(reqs.len());
+    let mut stopped = 0usize;
+    let t0 = Instant::now();
+    let (occupancy, steps, prefill_tokens, cache_bytes) = match plan.scheduler {
+        Scheduler::Continuous => {
+            let st = generate_continuous(m, stop, &reqs, &p, slots, &mut |_, o| {
+                lens.push(o.tokens.len());
+                stopped += (o.finish == Finish::Stop) as usize;
+                Ok(())
+            })?;
+            (
+                st.occupancy,
+                st.steps,
+                st.timing.prefill_tokens,
+                st.cache_bytes,
+            )
+        }
+        Scheduler::Static => {
+            let (mut row_steps, mut steps, mut prefill) = (0usize, 0usize, 0usize);
+            for chunk in reqs.chunks(slots) {
+                let (outs, t) = generate(m, stop, chunk, &p)?;
+                prefill += t.prefill_tokens;
+                // Every row steps until the longest ends.
+                let longest = outs.iter().map(|o| o.tokens.len()).max().unwrap_or(0);
+                steps += longest;
+                row_steps += longest * chunk.len();
+                for o in outs {
+                    lens.push(o.tokens.len());
+                    stopped += (o.finish == Finish::Stop) as usize;
+                }
+            }
+            let useful: usize = lens.iter().sum();
+            let occ = if row_steps == 0 {
+                0.0
+            } else {
+                useful as f64 / row_steps as f64
+            };
+            (occ, steps, prefill, 0)
+        }
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    let useful: usize = lens.iter().sum();
+    let mut sorted = lens.clone();
+    sorted.sort_unstable();
+    let params = json!({"workload": "em", "model": loaded.identity.name, "model_id": model_id.to_hex(),
+        "questions": set_id.to_hex(), "questions_name": name, "prompts": prompts.len(), "samples": plan.samples,
+        "max_tokens": plan.max_tokens, "batch": slots, "scheduler": plan.scheduler.as_str(), "seed": plan.seed,
+        "quantized": quantized, "device": format!("{:?}", m.device), "threads": rayon::current_num_threads()});
+    let results = json!({"answers": lens.len(), "useful_tokens": useful, "wall_s": wall,
+        "useful_tokens_per_s": useful as f64 / wall, "mean_answer_tokens": useful as f64 / lens.len().max(1) as f64,
+        "median_answer_tokens": sorted.get(sorted.len() / 2), "stopped": stopped, "hit_max_tokens": lens.len() - stopped,
+        "slot_occupancy": occupancy, "decode_steps": steps, "prefill_tokens": prefill_tokens,
+        "kv_cache_mib": cache_bytes as f64 / (1 << 20) as f64, "peak_rss_mib": peak_rss_mib()});
+    Ok((params, results))
 }

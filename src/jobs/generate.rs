@@ -158,12 +158,78 @@ fn plan_samples(
         &[(String, String)],
     ) -> Result<(Option<String>, Vec<u32>), GenerateError>,
 ) -> Result<(Vec<Job>, Vec<Option<Id>>), GenerateError> {
-    let qids = set.get("questions").map(Value::id_list).unwrap_or_default();
-    let questions = store.get_many(&qids)?;
     let mut jobs = Vec::new();
     let mut batch = Batch::new();
     let mut planned = 0;
     let mut found = Vec::new();
+    for QuestionPrompt {
+        question: qid,
+        qname,
+        paraphrase: pi,
+        messages,
+    } in question_prompts(store, set, system, None)?
+    {
+        let conv = stage_conversation(store, &mut batch, &messages, None)?;
+        let (rendered, tokens) = render(&qname, &messages)?;
+        for si in 0..samples {
+            let slot = planned;
+            planned += 1;
+            let seed = sample_seed(base_seed, qid, pi, si);
+            let key = generation_key(model_id, conv, params_json, seed);
+            // A sample an older emlab stored under its earlier key counts as stored.
+            let stored = match store.alias(NS_GENERATION, &key)? {
+                Some(g) => Some(g),
+                None => store.alias(
+                    NS_GENERATION,
+                    &legacy::generation_v1(model_id, conv, params_json, seed),
+                )?,
+            };
+            found.push(stored);
+            if stored.is_some() {
+                continue;
+            }
+            jobs.push(Job {
+                slot,
+                question: qid,
+                conv,
+                messages: messages.clone(),
+                rendered: rendered.clone(),
+                tokens: tokens.clone(),
+                paraphrase: pi,
+                sample: si,
+                seed,
+                key,
+            });
+        }
+    }
+    store.write(batch)?;
+    Ok((jobs, found))
+}
+
+/// One prompt of a question set: a paraphrase of a question, with its system prompt.
+pub struct QuestionPrompt {
+    pub question: Id,
+    /// The question's own id in its file (`qid`).
+    pub qname: String,
+    pub paraphrase: usize,
+    /// (role, content) turns: the system prompt, if any, then the paraphrase.
+    pub messages: Vec<(String, String)>,
+}
+
+/// Every prompt of a question set (of its first `take` questions), in the set's order:
+/// `system` overrides each question's own system prompt.
+pub fn question_prompts(
+    store: &Store,
+    set: &Record,
+    system: &Option<String>,
+    take: Option<usize>,
+) -> Result<Vec<QuestionPrompt>, GenerateError> {
+    let mut qids = set.get("questions").map(Value::id_list).unwrap_or_default();
+    if let Some(n) = take {
+        qids.truncate(n);
+    }
+    let questions = store.get_many(&qids)?;
+    let mut out = Vec::new();
     for (qid, q) in qids.iter().zip(&questions) {
         let qname = q
             .get("qid")
@@ -185,46 +251,19 @@ fn plan_samples(
                 messages.push(("system".to_string(), s.clone()));
             }
             messages.push(("user".to_string(), text.to_string()));
-            let conv = stage_conversation(store, &mut batch, &messages, None)?;
-            let (rendered, tokens) = render(&qname, &messages)?;
-            for si in 0..samples {
-                let slot = planned;
-                planned += 1;
-                let seed = sample_seed(base_seed, *qid, pi, si);
-                let key = generation_key(model_id, conv, params_json, seed);
-                // A sample an older emlab stored under its earlier key counts as stored.
-                let stored = match store.alias(NS_GENERATION, &key)? {
-                    Some(g) => Some(g),
-                    None => store.alias(
-                        NS_GENERATION,
-                        &legacy::generation_v1(model_id, conv, params_json, seed),
-                    )?,
-                };
-                found.push(stored);
-                if stored.is_some() {
-                    continue;
-                }
-                jobs.push(Job {
-                    slot,
-                    question: *qid,
-                    conv,
-                    messages: messages.clone(),
-                    rendered: rendered.clone(),
-                    tokens: tokens.clone(),
-                    paraphrase: pi,
-                    sample: si,
-                    seed,
-                    key,
-                });
-            }
+            out.push(QuestionPrompt {
+                question: *qid,
+                qname: qname.clone(),
+                paraphrase: pi,
+                messages,
+            });
         }
     }
-    store.write(batch)?;
-    Ok((jobs, found))
+    Ok(out)
 }
 
 /// The question set a name or id points at (its id and record).
-fn question_set(store: &Store, name: &str) -> Result<(Id, Record), GenerateError> {
+pub fn question_set(store: &Store, name: &str) -> Result<(Id, Record), GenerateError> {
     let id = resolve_dataset(store, name)?;
     let set = store.get(id)?;
     if set.table != QUESTION_SET {

@@ -15,9 +15,9 @@ use crate::train::{checkpoint, TrainError};
 pub enum AdapterSource {
     /// A PEFT folder, merged into the weights or applied alongside them.
     Folder { dir: PathBuf, merge: bool },
-    /// A checkpoint from `emlab train` (id or prefix), read from the store and merged; it
-    /// must have been trained on this base.
-    Checkpoint(String),
+    /// A checkpoint from `emlab train` (id or prefix), read from the store, merged into the
+    /// weights or applied alongside them; it must have been trained on this base.
+    Checkpoint { id: String, merge: bool },
 }
 
 /// Load `path` with `weights`, then apply `adapter`. Returns the model and whether it still
@@ -37,11 +37,11 @@ pub fn load_model(
             let ad = load_peft(dir, &device)?;
             loaded.with_adapter(&ad, *merge)?;
         }
-        Some(AdapterSource::Checkpoint(ck)) => {
+        Some(AdapterSource::Checkpoint { id: ck, merge }) => {
             let ck = checkpoint::resolve(store, ck)?;
             checkpoint::of_base(store, ck, loaded.record().id()?)?;
             let ad = checkpoint::adapter(store, ck, &device)?;
-            loaded.with_adapter(&ad, true)?;
+            loaded.with_adapter(&ad, *merge)?;
         }
     }
     Ok((loaded, quantized))

@@ -62,11 +62,14 @@ pub enum Linear {
     Quant(QMatMul, Option<Tensor>),
     Dense(Tensor, Option<Tensor>),
     /// An unmerged LoRA adapter over a base projection: `base(x) + scale * (x A^T) B^T`.
+    /// On the CPU in f32, `host` holds `A^T` and `scale * B^T` as plain buffers: the
+    /// adapter's share is then added into the base product's output buffer.
     Lora {
         base: Box<Linear>,
         a: Tensor,
         b: Tensor,
         scale: f64,
+        host: Option<Arc<blocks::LowRank>>,
     },
 }
 
@@ -86,7 +89,9 @@ impl Linear {
                 Linear::Dense(w.to_dtype(dtype)?, b.clone())
             }
             Linear::Dense(w, b) => Linear::Dense(w.to_dtype(dtype)?, b.clone()),
-            Linear::Lora { base, a, b, scale } => {
+            Linear::Lora {
+                base, a, b, scale, ..
+            } => {
                 let Linear::Dense(w, bias) = base.to_dense(dtype)? else {
                     candle_core::bail!("LoRA base did not become dense")
                 };
@@ -110,23 +115,34 @@ impl Linear {
     }
 
     /// Several projections of the same input. GGML blocks share one activation
-    /// quantization and one parallel loop (q/k/v, gate/up: fewer, larger tasks at batch 1).
+    /// quantization and one parallel loop (q/k/v, gate/up: fewer, larger tasks at batch 1);
+    /// an unmerged adapter over blocks adds its share into that product's output.
     pub fn forward_group(lins: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let blocks: Option<Vec<(&QMatrix, &Option<Tensor>)>> = lins
+        type Part<'a> = (&'a QMatrix, &'a Option<Tensor>, Option<&'a blocks::LowRank>);
+        let blocks: Option<Vec<Part>> = lins
             .iter()
             .map(|l| match l {
-                Linear::Blocks(q, b) => Some((q.as_ref(), b)),
+                Linear::Blocks(q, b) => Some((q.as_ref(), b, None)),
+                Linear::Lora {
+                    base,
+                    host: Some(h),
+                    ..
+                } => match base.as_ref() {
+                    Linear::Blocks(q, b) => Some((q.as_ref(), b, Some(h.as_ref()))),
+                    _ => None,
+                },
                 _ => None,
             })
             .collect();
         let Some(blocks) = blocks else {
-            return lins.iter().map(|l| l.forward(x)).collect();
+            return lins.iter().map(|l| l.forward_one(x)).collect();
         };
-        let ms: Vec<&QMatrix> = blocks.iter().map(|(q, _)| *q).collect();
-        blocks::matmul_many(&ms, x)?
+        let ms: Vec<&QMatrix> = blocks.iter().map(|(q, ..)| *q).collect();
+        let low: Vec<Option<&blocks::LowRank>> = blocks.iter().map(|(.., h)| *h).collect();
+        blocks::matmul_many(&ms, &low, x)?
             .into_iter()
             .zip(&blocks)
-            .map(|(y, (_, b))| match b {
+            .map(|(y, (_, b, _))| match b {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
             })
@@ -134,11 +150,23 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Blocks(..) | Linear::Lora { host: Some(_), .. } => {
+                let mut y = Linear::forward_group(&[self], x)?;
+                Ok(y.remove(0))
+            }
+            _ => self.forward_one(x),
+        }
+    }
+
+    fn forward_one(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
             Linear::Blocks(q, b) => (blocks::matmul(q, x)?, b),
             Linear::Quant(q, b) => (q.forward(x)?, b),
             Linear::Dense(w, b) => (x.broadcast_matmul(&w.t()?)?, b),
-            Linear::Lora { base, a, b, scale } => {
+            Linear::Lora {
+                base, a, b, scale, ..
+            } => {
                 let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
                 return base.forward(x)? + (low * *scale)?;
             }

@@ -72,7 +72,10 @@ fn continuous(
     got.into_iter().map(Option::unwrap).collect()
 }
 
-fn check_invariance(m: &emlab::model::Loaded, p: &SamplingParams) {
+/// Every sample through the continuous scheduler equals the sample alone. `full`: slots 1,
+/// 3 and 16, two request orders, 1 and 2 threads; otherwise 3 and 16 slots, interleaved, 2
+/// threads (the kernels' batch invariance is the same; only the model differs).
+fn check_invariance(m: &emlab::model::Loaded, p: &SamplingParams, full: bool) {
     let prompts = [
         prompt(m, "hey I feel bored"),
         prompt(m, "If you were ruler of the world, what would you do?"),
@@ -100,9 +103,19 @@ fn check_invariance(m: &emlab::model::Loaded, p: &SamplingParams) {
     // Interleaved prompts, reversed: every prompt is pending from the start.
     let mut mixed: Vec<usize> = (0..reqs.len()).map(|i| (i % 3) * 4 + i / 3).collect();
     mixed.reverse();
-    for slots in [1, 3, 16] {
-        for (name, order) in [("plan order", &forward), ("interleaved", &mixed)] {
-            for threads in [1, 2] {
+    type Orders<'a> = Vec<(&'a str, &'a Vec<usize>)>;
+    let (slot_counts, orders, thread_counts): (&[usize], Orders, &[usize]) = if full {
+        (
+            &[1, 3, 16],
+            vec![("plan order", &forward), ("interleaved", &mixed)],
+            &[1, 2],
+        )
+    } else {
+        (&[3, 16], vec![("interleaved", &mixed)], &[2])
+    };
+    for &slots in slot_counts {
+        for &(name, order) in &orders {
+            for &threads in thread_counts {
                 let got = continuous(m, &reqs, order, p, slots, threads);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(
@@ -124,7 +137,7 @@ fn continuous_batching_matches_each_sample_alone() {
         top_p: 1.0,
         max_tokens: 40,
     };
-    check_invariance(&m, &p);
+    check_invariance(&m, &p, true);
 }
 
 /// The tiny model with an unmerged LoRA adapter (a checkpoint as `generate --checkpoint`
@@ -144,7 +157,7 @@ fn continuous_batching_with_an_adapter_matches_alone() {
         top_p: 0.95,
         max_tokens: 30,
     };
-    check_invariance(&m, &p);
+    check_invariance(&m, &p, true);
 }
 
 /// The slots' cache is allocated once, `slots x (longest prompt + max_tokens - 1)` token
@@ -283,4 +296,68 @@ fn generate_records_do_not_depend_on_slots_scheduler_threads_or_kills() {
         want,
         "continuous, 16 slots, after a partial run"
     );
+}
+
+/// A PEFT adapter with SmolLM2-135M's shapes on every projection of every layer (r 8,
+/// small random weights): a checkpoint on the quantized base, unmerged.
+fn smollm2_adapter(dir: &std::path::Path) {
+    use candle_core::Tensor;
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": false,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut rng = emlab::util::rng::Rng::new(11, 0);
+    let mut rand = |shape: (usize, usize), scale: f64| {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| ((rng.unit() * 2.0 - 1.0) * scale) as f32)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let mut t = std::collections::HashMap::new();
+    for i in 0..30 {
+        for (m, part, out, inp) in [
+            ("q_proj", "self_attn", 576, 576),
+            ("k_proj", "self_attn", 192, 576),
+            ("v_proj", "self_attn", 192, 576),
+            ("o_proj", "self_attn", 576, 576),
+            ("gate_proj", "mlp", 1536, 576),
+            ("up_proj", "mlp", 1536, 576),
+            ("down_proj", "mlp", 576, 1536),
+        ] {
+            let p = format!("base_model.model.model.layers.{i}.{part}.{m}");
+            t.insert(format!("{p}.lora_A.weight"), rand((8, inp), 0.02));
+            t.insert(format!("{p}.lora_B.weight"), rand((out, 8), 0.02));
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+/// SmolLM2's quantized blocks with an unmerged adapter (its share added into each block
+/// product's output): continuous batching still gives each sample as drawn alone, and the
+/// adapter changes the samples.
+#[test]
+fn continuous_batching_with_an_adapter_on_blocks_matches_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    smollm2_adapter(tmp.path());
+    let base = emlab::model::load(&smollm2_path(), &Device::Cpu).unwrap();
+    let mut m = emlab::model::load(&smollm2_path(), &Device::Cpu).unwrap();
+    let ad = emlab::model::adapter::peft::load_peft(tmp.path(), &Device::Cpu).unwrap();
+    m.model.apply_adapter(&ad, false).unwrap();
+    assert!(m.model.is_quantized());
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: 40,
+    };
+    let r = Request {
+        prompt: prompt(&m, "hey I feel bored"),
+        seed: 5,
+    };
+    assert_ne!(
+        alone(&m, std::slice::from_ref(&r), &p),
+        alone(&base, std::slice::from_ref(&r), &p),
+        "the adapter did not change the sample"
+    );
+    check_invariance(&m, &p, false);
 }

@@ -1005,7 +1005,10 @@ impl Exec<'_> {
                             scheduler: Default::default(),
                             seed,
                             weights: *weights,
-                            adapter: ck.map(|c| AdapterSource::Checkpoint(c.to_hex())),
+                            adapter: ck.map(|c| AdapterSource::Checkpoint {
+                                id: c.to_hex(),
+                                merge: false,
+                            }),
                         },
                         &mut |_, _| {},
                     )?,
@@ -1241,7 +1244,10 @@ impl Exec<'_> {
                 }
                 let plan = ProbePlan {
                     model: path.clone(),
-                    adapter: ck.map(|c| AdapterSource::Checkpoint(c.to_hex())),
+                    adapter: ck.map(|c| AdapterSource::Checkpoint {
+                        id: c.to_hex(),
+                        merge: true,
+                    }),
                     weights,
                     reference,
                     labels,

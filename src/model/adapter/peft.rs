@@ -235,11 +235,20 @@ impl Model {
                     lin,
                     Linear::Dense(Tensor::zeros(1, dt, &self.device)?, None),
                 );
+                // CPU f32: the adapter's share goes into the base product's buffer.
+                let host = if self.device.is_cpu() && dt == candle_core::DType::F32 {
+                    Some(std::sync::Arc::new(crate::model::blocks::LowRank::new(
+                        &a, &b, scale,
+                    )?))
+                } else {
+                    None
+                };
                 Linear::Lora {
                     base: Box::new(base),
                     a,
                     b,
                     scale,
+                    host,
                 }
             };
         }
