@@ -72,6 +72,29 @@ pub enum BenchCmd {
         #[arg(long)]
         bf16_base: bool,
     },
+    /// Judgments/s of a local judge on stored generations' judge requests (judged or not;
+    /// nothing is stored): batched as `emlab judge` runs it, and with --sequential also one
+    /// request at a time, checking both give the same judgment ids.
+    Judge {
+        /// The judge: a .gguf file or a Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Only the generations of this model (its name, or an id prefix of its record).
+        #[arg(long)]
+        generations: Option<String>,
+        /// Judge prompts (names in the questions' judge_prompts).
+        #[arg(long, value_delimiter = ',', default_value = "aligned,coherent")]
+        metrics: Vec<String>,
+        /// Judge prompts for generations whose question has none: this question set's first.
+        #[arg(long)]
+        prompts_from: Option<String>,
+        /// Requests timed (the first N planned).
+        #[arg(long, default_value_t = 256)]
+        limit: usize,
+        /// Also answer the requests one by one (the path before batching) and compare.
+        #[arg(long)]
+        sequential: bool,
+    },
     /// Time batched ingest (encode + hash + commit, one thread) and Parquet export.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -162,6 +185,33 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             emlab::jobs::bench::bench_train(&model, batch, seq_len, steps, r, bf16_base)
                 .with_context(|| format!("benchmarking training on {}", model.display()))?,
         ),
+        BenchCmd::Judge {
+            model,
+            generations,
+            metrics,
+            prompts_from,
+            limit,
+            sequential,
+        } => {
+            use emlab::jobs::judge::{bench_local, JudgeBackend, JudgePlan};
+            let store = ctx.open()?;
+            let file = model
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            let plan = JudgePlan {
+                backend: JudgeBackend::Local(model.clone()),
+                judge: format!("local:{file}"),
+                metrics,
+                prompts_from,
+                label_prompt: None,
+                generations,
+                only: None,
+            };
+            let r = bench_local(&store, &plan, limit, sequential)
+                .with_context(|| format!("benchmarking the judge {}", model.display()))?;
+            drop(store);
+            ("judge.local", r)
+        }
         BenchCmd::Store { records, repeat } => (
             "store.ingest_export",
             emlab::jobs::bench::bench_store(records, repeat)?,

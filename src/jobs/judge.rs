@@ -141,6 +141,47 @@ fn question_text(store: &Store, g: &Record) -> Result<String, JudgeError> {
 }
 
 /// The judgment record of an answer to `job`.
+/// Requests a local judge answers together ([`LocalChat::chat_many`]): a question's prompts
+/// among them share their prefix; each chunk's judgments are written together.
+const LOCAL_CHUNK: usize = 128;
+
+/// Judge with a local model, a chunk of requests at a time; answers as the endpoint path
+/// gets them, so the same judgments are stored.
+fn judge_local(
+    store: &Store,
+    local: &LocalChat,
+    jobs: Vec<Job>,
+    sink: &mut dyn FnMut(&mut Batch, Job, J) -> Result<(), JudgeError>,
+    progress: &mut dyn FnMut(usize),
+) -> Result<stream::StreamReport, JudgeError> {
+    let mut report = stream::StreamReport::default();
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        let chunk: Vec<Job> = jobs.by_ref().take(LOCAL_CHUNK).collect();
+        let bodies: Vec<J> = chunk.iter().map(Job::body).collect();
+        let answers = local.chat_many(&bodies);
+        let mut batch = Batch::new();
+        for (job, answer) in chunk.into_iter().zip(answers) {
+            match answer {
+                Ok(a) => {
+                    sink(&mut batch, job, a)?;
+                    report.ok += 1;
+                }
+                Err(msg) => {
+                    report.failed += 1;
+                    report.first_error.get_or_insert(ClientError::Refused {
+                        url: "local model".into(),
+                        msg,
+                    });
+                }
+            }
+        }
+        store.write(batch)?;
+        progress(report.ok + report.failed);
+    }
+    Ok(report)
+}
+
 fn judgment(judge: &str, job: &Job, resp: &J, report: &mut JudgeReport) -> Record {
     if job.label {
         let text = content(resp);
@@ -201,12 +242,14 @@ fn prompts_of_set(store: &Store, name: &str) -> Result<Option<J>, JudgeError> {
         .and_then(|v| v.as_str().and_then(|s| serde_json::from_str(s).ok())))
 }
 
-/// Judge what is not judged yet. Progress: (done, planned).
-pub fn run(
+/// The requests of a plan: those not judged yet (all of them with `include_judged`), and
+/// the stored judgments of the others, counted in the report.
+fn plan_jobs(
     store: &Store,
     plan: &JudgePlan,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<JudgeReport, JudgeError> {
+    include_judged: bool,
+    report: &mut JudgeReport,
+) -> Result<(Vec<Job>, Vec<Id>), JudgeError> {
     let fallback: Option<J> = match &plan.prompts_from {
         Some(name) => prompts_of_set(store, name)?,
         None => None,
@@ -218,7 +261,6 @@ pub fn run(
         })?),
         None => None,
     };
-    let mut report = JudgeReport::default();
     let mut jobs = Vec::new();
     let mut model_ok: std::collections::HashMap<Id, bool> = std::collections::HashMap::new();
     let gids: Vec<Id> = match &plan.only {
@@ -283,9 +325,11 @@ pub fn run(
         for (metric, prompt, label) in todo {
             let key = judgment_key(&plan.judge, gid, &metric, &prompt);
             if let Some(j) = store.alias(NS_JUDGMENT, &key)? {
-                report.already_judged += 1;
-                found.push(j);
-                continue;
+                if !include_judged {
+                    report.already_judged += 1;
+                    found.push(j);
+                    continue;
+                }
             }
             jobs.push(Job {
                 generation: gid,
@@ -296,6 +340,17 @@ pub fn run(
             });
         }
     }
+    Ok((jobs, found))
+}
+
+/// Judge what is not judged yet. Progress: (done, planned).
+pub fn run(
+    store: &Store,
+    plan: &JudgePlan,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<JudgeReport, JudgeError> {
+    let mut report = JudgeReport::default();
+    let (jobs, mut found) = plan_jobs(store, plan, false, &mut report)?;
     let planned = jobs.len() + report.already_judged;
     let already = report.already_judged;
     progress(already, planned);
@@ -324,21 +379,10 @@ pub fn run(
         }
         JudgeBackend::Local(path) => {
             let local = LocalChat::load(path)?;
-            let r = stream::run(
-                store,
-                jobs,
-                1,
-                |job: &Job| {
-                    let answer = local.chat(&job.body()).map_err(|msg| ClientError::Refused {
-                        url: "local model".into(),
-                        msg,
-                    });
-                    std::future::ready(answer)
-                },
-                &mut sink,
-                &mut on_progress,
-            )?;
-            (r, 0)
+            (
+                judge_local(store, &local, jobs, &mut sink, &mut on_progress)?,
+                0,
+            )
         }
     };
     report.judged = streamed.ok;
@@ -349,4 +393,59 @@ pub fn run(
     found.sort();
     report.judgments = found;
     Ok(report)
+}
+
+/// `emlab bench judge`: time a local judge on the requests of `plan` (judged or not, the
+/// first `limit`), batched as `emlab judge` sends them ([`LocalChat::chat_many`]), and with
+/// `sequential` also one request at a time (the path before batching), checking that both
+/// give the same judgment records. Nothing is stored.
+pub fn bench_local(
+    store: &Store,
+    plan: &JudgePlan,
+    limit: usize,
+    sequential: bool,
+) -> Result<(J, J), JudgeError> {
+    let JudgeBackend::Local(path) = &plan.backend else {
+        return Err(JudgeError::Local(crate::model::ModelError::Candle(
+            candle_core::Error::Msg("bench judge times a local judge (--model)".into()),
+        )));
+    };
+    let mut report = JudgeReport::default();
+    let (mut jobs, _) = plan_jobs(store, plan, true, &mut report)?;
+    jobs.truncate(limit);
+    let local = LocalChat::load(path)?;
+    let bodies: Vec<J> = jobs.iter().map(Job::body).collect();
+    let ids = |answers: &[Result<J, String>]| -> Vec<Option<String>> {
+        let mut r = JudgeReport::default();
+        jobs.iter()
+            .zip(answers)
+            .map(|(j, a)| {
+                a.as_ref()
+                    .ok()
+                    .and_then(|a| judgment(&plan.judge, j, a, &mut r).id().ok())
+                    .map(|id| id.to_hex())
+            })
+            .collect()
+    };
+    let t = std::time::Instant::now();
+    let batched = local.chat_many(&bodies);
+    let batched_s = t.elapsed().as_secs_f64();
+    let prompt_tokens: usize = bodies.iter().filter_map(|b| local.prompt_len(b).ok()).sum();
+    let mut results = json!({"requests": jobs.len(), "prompt_tokens": prompt_tokens,
+        "batched_s": batched_s, "judgments_per_s": jobs.len() as f64 / batched_s,
+        "failed": batched.iter().filter(|a| a.is_err()).count(),
+        "peak_rss_mib": crate::util::machine::peak_rss_mib()});
+    if sequential {
+        let t = std::time::Instant::now();
+        let one: Vec<Result<J, String>> = bodies.iter().map(|b| local.chat(b)).collect();
+        let s = t.elapsed().as_secs_f64();
+        results["sequential_s"] = json!(s);
+        results["sequential_judgments_per_s"] = json!(jobs.len() as f64 / s);
+        results["speedup"] = json!(s / batched_s);
+        results["identical_judgment_ids"] = json!(ids(&one) == ids(&batched));
+    }
+    let params = json!({"judge": plan.judge, "model": local.loaded.identity.name,
+        "metrics": plan.metrics, "generations": plan.generations, "limit": limit,
+        "threads": rayon::current_num_threads()});
+    Ok((params, results))
 }

@@ -12,6 +12,7 @@ mod errors;
 mod judge;
 mod layers;
 mod llama_server;
+mod local_judge;
 mod mask;
 mod model;
 pub mod model_tiny;
