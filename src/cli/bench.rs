@@ -48,6 +48,10 @@ pub enum BenchCmd {
         /// A checkpoint from `emlab train` (id or prefix) to sample from.
         #[arg(long)]
         checkpoint: Option<String>,
+        /// Write the workload (each prompt's tokens and messages, samples, max tokens, stop
+        /// tokens) as JSON for a peer engine, and stop there.
+        #[arg(long, requires = "workload")]
+        prompts_out: Option<PathBuf>,
         /// Merge the checkpoint's adapter into the weights, as `generate --merge-adapter`.
         #[arg(long, requires = "checkpoint")]
         merge_adapter: bool,
@@ -122,6 +126,7 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
             scheduler,
             checkpoint,
             merge_adapter,
+            prompts_out,
             seed,
             ..
         } => {
@@ -140,6 +145,13 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
                 scheduler,
                 seed,
             };
+            if let Some(path) = prompts_out {
+                let w = emlab::jobs::bench::workload_prompts(&store, &plan)?;
+                std::fs::write(&path, serde_json::to_string(&w)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                note(format!("wrote the workload to {}", path.display()));
+                return Ok(ExitCode::SUCCESS);
+            }
             let r = emlab::jobs::bench::bench_workload(&store, &plan)
                 .with_context(|| format!("benchmarking the EM workload on {}", model.display()))?;
             drop(store);

@@ -263,50 +263,17 @@ const DEFAULT_WORKLOAD_FILE: &str = "emergent-misalignment/evaluation/first_plot
 /// the same prompts and seeds) with the chosen scheduler, and report useful tokens/s: the
 /// tokens of the answers, which are what a run stores. Loading is not timed.
 pub fn bench_workload(store: &Store, plan: &WorkloadPlan) -> Result<(J, J), BenchError> {
-    use crate::jobs::generate::{question_prompts, question_set};
-    use crate::model::sample::{
-        generate, generate_continuous, Finish, Request, SamplingParams, Scheduler,
-    };
-    use crate::provenance::key::sample_seed;
-    let (name, take) = match &plan.questions {
-        Some(n) => (n.clone(), None),
-        None => {
-            if crate::data::resolve_dataset(store, DEFAULT_WORKLOAD_QUESTIONS).is_err() {
-                let path = crate::jobs::study::spec::data_dir().join(DEFAULT_WORKLOAD_FILE);
-                import(
-                    store,
-                    &ImportPlan {
-                        path,
-                        name: DEFAULT_WORKLOAD_QUESTIONS.into(),
-                        ..Default::default()
-                    },
-                )?;
-            }
-            (DEFAULT_WORKLOAD_QUESTIONS.to_string(), Some(8))
-        }
-    };
-    let (set_id, set) = question_set(store, &name).map_err(BenchError::Generate)?;
-    let (loaded, quantized) =
-        crate::jobs::load::load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
-    let model_id = loaded.record().id()?;
-    let prompts = question_prompts(store, &set, &None, take).map_err(BenchError::Generate)?;
-    let mut reqs = Vec::new();
-    for q in &prompts {
-        let text = loaded
-            .tokenizer
-            .render(&q.messages, true)
-            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
-        let tokens = loaded
-            .tokenizer
-            .encode(&text)
-            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
-        for si in 0..plan.samples {
-            reqs.push(Request {
-                prompt: tokens.clone(),
-                seed: sample_seed(plan.seed, q.question, q.paraphrase, si),
-            });
-        }
-    }
+    use crate::model::sample::{generate, generate_continuous, Finish, SamplingParams, Scheduler};
+    let w = workload_requests(store, plan)?;
+    let (loaded, quantized, model_id, set_id, name, prompts, reqs) = (
+        w.loaded,
+        w.quantized,
+        w.model_id,
+        w.set_id,
+        w.name,
+        w.prompts,
+        w.reqs,
+    );
     let p = SamplingParams {
         temperature: 1.0,
         top_p: 1.0,
@@ -368,4 +335,89 @@ pub fn bench_workload(store: &Store, plan: &WorkloadPlan) -> Result<(J, J), Benc
         "slot_occupancy": occupancy, "decode_steps": steps, "prefill_tokens": prefill_tokens,
         "kv_cache_mib": cache_bytes as f64 / (1 << 20) as f64, "peak_rss_mib": peak_rss_mib()});
     Ok((params, results))
+}
+
+/// The EM workload's requests: the model loaded as `emlab generate` loads it, and each
+/// prompt's samples with the seeds `generate` gives them.
+struct Workload {
+    loaded: crate::model::Loaded,
+    quantized: bool,
+    model_id: Id,
+    set_id: Id,
+    name: String,
+    prompts: Vec<crate::jobs::generate::QuestionPrompt>,
+    reqs: Vec<crate::model::sample::Request>,
+}
+
+fn workload_requests(store: &Store, plan: &WorkloadPlan) -> Result<Workload, BenchError> {
+    use crate::jobs::generate::{question_prompts, question_set};
+    use crate::model::sample::Request;
+    use crate::provenance::key::sample_seed;
+    let (name, take) = match &plan.questions {
+        Some(n) => (n.clone(), None),
+        None => {
+            if crate::data::resolve_dataset(store, DEFAULT_WORKLOAD_QUESTIONS).is_err() {
+                let path = crate::jobs::study::spec::data_dir().join(DEFAULT_WORKLOAD_FILE);
+                import(
+                    store,
+                    &ImportPlan {
+                        path,
+                        name: DEFAULT_WORKLOAD_QUESTIONS.into(),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            (DEFAULT_WORKLOAD_QUESTIONS.to_string(), Some(8))
+        }
+    };
+    let (set_id, set) = question_set(store, &name).map_err(BenchError::Generate)?;
+    let (loaded, quantized) =
+        crate::jobs::load::load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
+    let model_id = loaded.record().id()?;
+    let prompts = question_prompts(store, &set, &None, take).map_err(BenchError::Generate)?;
+    let mut reqs = Vec::new();
+    for q in &prompts {
+        let text = loaded
+            .tokenizer
+            .render(&q.messages, true)
+            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
+        let tokens = loaded
+            .tokenizer
+            .encode(&text)
+            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
+        for si in 0..plan.samples {
+            reqs.push(Request {
+                prompt: tokens.clone(),
+                seed: sample_seed(plan.seed, q.question, q.paraphrase, si),
+            });
+        }
+    }
+    Ok(Workload {
+        loaded,
+        quantized,
+        model_id,
+        set_id,
+        name,
+        prompts,
+        reqs,
+    })
+}
+
+/// The workload for a peer engine (`scripts/bench_llama_cpp.py --workload`): each prompt's
+/// tokens and messages, the samples per prompt, `max_tokens` and the stop tokens.
+pub fn workload_prompts(store: &Store, plan: &WorkloadPlan) -> Result<J, BenchError> {
+    let w = workload_requests(store, plan)?;
+    let prompts: Vec<J> = w
+        .prompts
+        .iter()
+        .zip(w.reqs.chunks(plan.samples.max(1)))
+        .map(|(q, r)| {
+            json!({"qid": q.qname, "tokens": r.first().map(|r| r.prompt.clone()),
+                   "messages": q.messages.iter().map(|(role, c)| json!({"role": role, "content": c})).collect::<Vec<_>>()})
+        })
+        .collect();
+    Ok(
+        json!({"model": w.loaded.identity.name, "model_id": w.model_id.to_hex(), "questions": w.set_id.to_hex(),
+              "samples": plan.samples, "max_tokens": plan.max_tokens, "stop_ids": w.loaded.tokenizer.stop_ids, "prompts": prompts}),
+    )
 }
