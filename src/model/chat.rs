@@ -245,7 +245,7 @@ impl LocalChat {
         prefix: &[u32],
     ) -> candle_core::Result<super::llama::Cache> {
         let m = &self.loaded.model;
-        let mut c = super::llama::Cache::ragged(&m.cfg, 1, prefix.len(), m.dtype, &m.device)?;
+        let mut c = m.new_ragged_cache(1, prefix.len())?;
         if let Some(b) = base {
             c.load_row(0, Some(b), 0)?;
         }
@@ -266,7 +266,7 @@ impl LocalChat {
         let m = &self.loaded.model;
         let n = suffixes.len();
         let t = suffixes.iter().map(|s| s.len()).max().unwrap_or(1);
-        let mut cache = super::llama::Cache::ragged(&m.cfg, n, base_len + t, m.dtype, &m.device)?;
+        let mut cache = m.new_ragged_cache(n, base_len + t)?;
         if let Some(p) = base {
             for row in 0..n {
                 cache.load_row(row, Some(p), 0)?;

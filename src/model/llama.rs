@@ -228,8 +228,21 @@ impl Cache {
         dtype: DType,
         dev: &Device,
     ) -> Result<Cache> {
+        Cache::of_kind(cfg, batch, capacity, dtype, dev, false)
+    }
+
+    /// `tensors`: Candle tensors even where plain f32 buffers would do (the CUDA path's
+    /// cache, on the CPU).
+    fn of_kind(
+        cfg: &Config,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+        tensors: bool,
+    ) -> Result<Cache> {
         let shape = (batch, cfg.kv_heads, capacity, cfg.head_dim);
-        let kv = if dev.is_cpu() && dtype == DType::F32 {
+        let kv = if dev.is_cpu() && dtype == DType::F32 && !tensors {
             let n = shape.0 * shape.1 * shape.2 * shape.3;
             Kv::Host {
                 k: (0..cfg.layers).map(|_| vec![0f32; n]).collect(),
@@ -264,7 +277,18 @@ impl Cache {
         dtype: DType,
         dev: &Device,
     ) -> Result<Cache> {
-        let mut c = Cache::new(cfg, rows, capacity, dtype, dev)?;
+        Cache::ragged_of_kind(cfg, rows, capacity, dtype, dev, false)
+    }
+
+    fn ragged_of_kind(
+        cfg: &Config,
+        rows: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+        tensors: bool,
+    ) -> Result<Cache> {
+        let mut c = Cache::of_kind(cfg, rows, capacity, dtype, dev, tensors)?;
         c.row_len = Some(vec![0; rows]);
         Ok(c)
     }
@@ -361,7 +385,14 @@ impl Cache {
                                 candle_core::bail!("load_row: caches of different kinds")
                             }
                         };
-                        let part = s.narrow(0, from, 1)?.narrow(2, 0, n)?.copy()?;
+                        // A copy in its own contiguous storage (a row may move within
+                        // this very tensor).
+                        let part = s.narrow(0, from, 1)?.narrow(2, 0, n)?;
+                        let part = if part.is_contiguous() {
+                            part.copy()?
+                        } else {
+                            part.contiguous()?
+                        };
                         dst.narrow(0, row, 1)?.slice_set(&part, 2, 0)?;
                     }
                 }
@@ -428,6 +459,9 @@ pub struct Model {
     pub device: Device,
     /// Activation dtype: f32 on the CPU, bf16 on CUDA.
     pub dtype: DType,
+    /// Keep the KV cache in Candle tensors and attend with Candle's ops, as on CUDA, even on
+    /// the CPU in f32 (tests of the CUDA path's cache logic on a machine without a GPU).
+    pub tensor_kv: bool,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -464,6 +498,7 @@ impl Model {
             rope_host,
             device,
             dtype,
+            tensor_kv: false,
         })
     }
 
@@ -521,12 +556,25 @@ impl Model {
     }
 
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
-        Cache::new(
+        Cache::of_kind(
             &self.cfg,
             batch,
             capacity.min(self.cfg.max_seq),
             self.dtype,
             &self.device,
+            self.tensor_kv,
+        )
+    }
+
+    /// A ragged cache ([`Cache::ragged`]) for this model.
+    pub fn new_ragged_cache(&self, rows: usize, capacity: usize) -> Result<Cache> {
+        Cache::ragged_of_kind(
+            &self.cfg,
+            rows,
+            capacity.min(self.cfg.max_seq),
+            self.dtype,
+            &self.device,
+            self.tensor_kv,
         )
     }
 

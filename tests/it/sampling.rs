@@ -361,3 +361,97 @@ fn continuous_batching_with_an_adapter_on_blocks_matches_alone() {
     );
     check_invariance(&m, &p, false);
 }
+
+/// The CUDA path's cache (Candle tensors, Candle attention with a mask), run on the CPU:
+/// rows of a ragged cache at different positions give each row's logits alone (to float
+/// tolerance: Candle's products are not batch-invariant), and the continuous scheduler runs
+/// on it to the end, moving rows as they finish.
+#[test]
+fn ragged_tensor_cache_matches_rows_alone() {
+    use candle_core::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("m");
+    crate::model_tiny::tiny_model(&mdir, true);
+    let mut m = emlab::model::load(&mdir, &Device::Cpu).unwrap();
+    m.model.tensor_kv = true;
+    let model = &m.model;
+    let a = prompt(&m, "hello world cats are nice");
+    let b = prompt(&m, "cats ? hello hello world world w1 w2 w3 w4 w5");
+    assert_ne!(a.len(), b.len());
+    let tok = |v: Vec<u32>| Tensor::from_vec(v.clone(), (1, v.len()), &Device::Cpu).unwrap();
+    let prefill = |p: &[u32]| {
+        let mut c = model.new_cache(1, p.len()).unwrap();
+        model.forward(&tok(p.to_vec()), &mut c, false).unwrap();
+        c
+    };
+    let alone = |p: &[u32], next: u32| -> Vec<f32> {
+        let mut c = model.new_cache(1, p.len() + 1).unwrap();
+        model.forward(&tok(p.to_vec()), &mut c, false).unwrap();
+        model
+            .forward(&tok(vec![next]), &mut c, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (ca, cb) = (prefill(&a), prefill(&b));
+    // Three slots: b in slot 0, a in slot 1, slot 2 unused; then a moves into slot 0.
+    let mut r = model.new_ragged_cache(3, b.len() + 2).unwrap();
+    r.load_row(0, Some(&cb), 0).unwrap();
+    r.load_row(1, Some(&ca), 0).unwrap();
+    let step = Tensor::from_vec(vec![3u32, 4], (2, 1), &Device::Cpu).unwrap();
+    let got = model
+        .forward(&step, &mut r, false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-4);
+    assert!(
+        close(&got[0], &alone(&b, 3)),
+        "row 0 (b) differs from b alone"
+    );
+    assert!(
+        close(&got[1], &alone(&a, 4)),
+        "row 1 (a) differs from a alone"
+    );
+    r.load_row(0, None, 1).unwrap();
+    assert_eq!(r.row_len(0), a.len() + 1);
+    let one = Tensor::from_vec(vec![5u32], (1, 1), &Device::Cpu).unwrap();
+    let moved = model
+        .forward(&one, &mut r, false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let mut want = model.new_cache(1, a.len() + 2).unwrap();
+    model.forward(&tok(a.clone()), &mut want, false).unwrap();
+    model.forward(&tok(vec![4]), &mut want, false).unwrap();
+    let want = model
+        .forward(&tok(vec![5]), &mut want, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(close(&moved[0], &want), "a moved into slot 0 differs");
+
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: 20,
+    };
+    let reqs: Vec<Request> = (0..7)
+        .map(|s| Request {
+            prompt: if s % 2 == 0 { a.clone() } else { b.clone() },
+            seed: s,
+        })
+        .collect();
+    let mut n = 0;
+    generate_continuous(model, &m.tokenizer.stop_ids, &reqs, &p, 3, &mut |_, o| {
+        assert!(o.tokens.len() <= 20);
+        n += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, 7);
+}
