@@ -152,6 +152,8 @@ fn plan_samples(
     samples: usize,
     base_seed: u64,
     model_id: Id,
+    // Models whose samples count as this one's (a checkpoint sampled merged, as before).
+    same_as: &[Id],
     params_json: &J,
     mut render: impl FnMut(
         &str,
@@ -176,14 +178,19 @@ fn plan_samples(
             planned += 1;
             let seed = sample_seed(base_seed, qid, pi, si);
             let key = generation_key(model_id, conv, params_json, seed);
-            // A sample an older emlab stored under its earlier key counts as stored.
-            let stored = match store.alias(NS_GENERATION, &key)? {
-                Some(g) => Some(g),
-                None => store.alias(
-                    NS_GENERATION,
-                    &legacy::generation_v1(model_id, conv, params_json, seed),
-                )?,
-            };
+            // A sample an older emlab stored under its earlier key counts as stored, and so
+            // does one of a model that counts as this one.
+            let mut stored = None;
+            for m in std::iter::once(model_id).chain(same_as.iter().copied()) {
+                for k in [
+                    generation_key(m, conv, params_json, seed),
+                    legacy::generation_v1(m, conv, params_json, seed),
+                ] {
+                    if stored.is_none() {
+                        stored = store.alias(NS_GENERATION, &k)?;
+                    }
+                }
+            }
             found.push(stored);
             if stored.is_some() {
                 continue;
@@ -359,7 +366,22 @@ pub fn run(
     let (set_id, set) = question_set(store, &plan.questions)?;
     let (loaded, quantized): (Loaded, bool) =
         super::load::load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
-    let model_id = store.put(&loaded.record())?;
+    let model_id = loaded.record().id()?;
+    // A checkpoint sampled unmerged: its samples drawn merged (what emlab did before it
+    // sampled checkpoints unmerged) are the same checkpoint's answers and count as stored.
+    let same_as: Vec<Id> = match &plan.adapter {
+        Some(AdapterSource::Checkpoint { merge: false, .. }) => {
+            let mut merged = loaded.identity.clone();
+            match merged.config.get_mut("adapter") {
+                Some(a) => {
+                    a["merged"] = json!(true);
+                    vec![merged.record().id()?]
+                }
+                None => Vec::new(),
+            }
+        }
+        _ => Vec::new(),
+    };
     let params_json = json!({
         "engine": "emlab-candle",
         "temperature": plan.params.temperature,
@@ -372,7 +394,6 @@ pub fn run(
         // Named only when not the default, so earlier runs keep their ids.
         run_plan["scheduler"] = json!(plan.scheduler.as_str());
     }
-    let run_id = store.put(&build::run("generate", &run_plan, [model_id, set_id]))?;
 
     // Plan every sample; skip those already stored. The template may add a default system
     // prompt (SmolLM2 does): the rendered text is what the model saw, so it is recorded.
@@ -384,6 +405,7 @@ pub fn run(
         plan.samples,
         plan.seed,
         model_id,
+        &same_as,
         &params_json,
         |qname, messages| {
             let prompt_err = |msg| GenerateError::Prompt {
@@ -408,8 +430,15 @@ pub fn run(
         },
     )?;
     let planned = found.len();
+    // Everything was drawn by a model that counts as this one, which itself drew nothing:
+    // the run is that model's (a rerun over an older store adds no record).
+    let run_model = match same_as.first() {
+        Some(&alt) if jobs.is_empty() && store.try_get(model_id)?.is_none() => alt,
+        _ => store.put(&loaded.record())?,
+    };
+    let run_id = store.put(&build::run("generate", &run_plan, [run_model, set_id]))?;
     let mut report = GenerateReport {
-        model: model_id.to_hex(),
+        model: run_model.to_hex(),
         run: run_id.to_hex(),
         planned,
         already_stored: planned - jobs.len(),
@@ -537,6 +566,7 @@ pub fn run_endpoint(
         plan.samples,
         plan.seed,
         model_id,
+        &[],
         &params_json,
         |_, _| Ok((None, Vec::new())),
     )?;
