@@ -375,6 +375,27 @@ mod tests {
         }
     }
 
+    /// Against the f64 dot products; each row the same alone as among 40 (the parallel path).
+    #[test]
+    fn dot_rows_match_the_definition_and_each_row_alone() {
+        let (m, k, r) = (40, 70, 5);
+        let x = lcg(4, m * k);
+        let a = lcg(5, r * k);
+        let mut u = vec![f32::NAN; m * r];
+        dot_rows(&mut u, &x, &a, k);
+        for i in 0..m {
+            let mut one = vec![0f32; r];
+            dot_rows(&mut one, &x[i * k..(i + 1) * k], &a, k);
+            assert_eq!(&one[..], &u[i * r..(i + 1) * r], "row {i}");
+            for j in 0..r {
+                let want: f64 = (0..k)
+                    .map(|t| x[i * k + t] as f64 * a[j * k + t] as f64)
+                    .sum();
+                assert!((u[i * r + j] as f64 - want).abs() < 1e-4, "({i},{j})");
+            }
+        }
+    }
+
     #[test]
     #[should_panic(expected = "add_product: w is not [2, 3]")]
     fn bad_shapes_are_named() {

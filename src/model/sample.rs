@@ -59,7 +59,7 @@ pub struct Output {
 }
 
 /// Timings of one [`generate`] call.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Timing {
     pub prefill_tokens: usize,
     pub prefill_s: f64,
@@ -159,7 +159,7 @@ impl crate::util::choice::Choice for Scheduler {
 /// What a [`generate_continuous`] run did.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct SchedStats {
-    pub timing: TimingJson,
+    pub timing: Timing,
     /// Distinct prompts prefilled.
     pub prompts: usize,
     /// Decode steps (forward passes of the slot batch).
@@ -168,15 +168,6 @@ pub struct SchedStats {
     pub occupancy: f64,
     /// Bytes of the slots' KV cache.
     pub cache_bytes: usize,
-}
-
-/// [`Timing`] as a serializable value.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct TimingJson {
-    pub prefill_tokens: usize,
-    pub prefill_s: f64,
-    pub decode_tokens: usize,
-    pub decode_s: f64,
 }
 
 /// A prefilled prompt: its one-row cache and next-token logits, kept while requests that
@@ -320,7 +311,7 @@ pub fn generate_continuous(
     }
     let t_all = std::time::Instant::now();
     let slots = slots.clamp(1, reqs.len());
-    let mut cache = Cache::ragged(&model.cfg, slots, capacity, model.dtype, &model.device)?;
+    let mut cache = model.new_ragged_cache(slots, capacity)?;
     stats.cache_bytes = cache.bytes();
     let mut q = Queue {
         model,
@@ -377,18 +368,15 @@ pub fn generate_continuous(
             }
         }
     }
-    let t = q.timing;
+    stats.timing = Timing {
+        decode_s: t_all.elapsed().as_secs_f64() - q.timing.prefill_s,
+        ..q.timing
+    };
     stats.prompts = q.prompts;
     stats.occupancy = if stats.steps == 0 {
         0.0
     } else {
         occupied as f64 / (stats.steps * slots) as f64
-    };
-    stats.timing = TimingJson {
-        prefill_tokens: t.prefill_tokens,
-        prefill_s: t.prefill_s,
-        decode_tokens: t.decode_tokens,
-        decode_s: t_all.elapsed().as_secs_f64() - t.prefill_s,
     };
     Ok(stats)
 }
