@@ -433,7 +433,14 @@ pub fn run(
     // Everything was drawn by a model that counts as this one, which itself drew nothing:
     // the run is that model's (a rerun over an older store adds no record).
     let run_model = match same_as.first() {
-        Some(&alt) if jobs.is_empty() && store.try_get(model_id)?.is_none() => alt,
+        Some(&alt)
+            if jobs.is_empty()
+                && planned > 0
+                && store.try_get(model_id)?.is_none()
+                && store.try_get(alt)?.is_some() =>
+        {
+            alt
+        }
         _ => store.put(&loaded.record())?,
     };
     let run_id = store.put(&build::run("generate", &run_plan, [run_model, set_id]))?;
@@ -490,6 +497,11 @@ pub fn run(
             );
             if let Some(e) = failed {
                 return Err(e);
+            }
+            // Keep what finished before a sampling error.
+            if let Err(e) = stats {
+                sink.flush()?;
+                return Err(GenerateError::Sampling(e));
             }
             let stats = stats.map_err(GenerateError::Sampling)?;
             report.slot_occupancy = Some(stats.occupancy);

@@ -140,7 +140,6 @@ fn question_text(store: &Store, g: &Record) -> Result<String, JudgeError> {
     Ok(String::new())
 }
 
-/// The judgment record of an answer to `job`.
 /// Requests a local judge answers together ([`LocalChat::chat_many`]): a question's prompts
 /// among them share their prefix; each chunk's judgments are written together.
 const LOCAL_CHUNK: usize = 128;
@@ -182,6 +181,7 @@ fn judge_local(
     Ok(report)
 }
 
+/// The judgment record of an answer to `job`.
 fn judgment(judge: &str, job: &Job, resp: &J, report: &mut JudgeReport) -> Record {
     if job.label {
         let text = content(resp);

@@ -194,7 +194,8 @@ impl LocalChat {
                 e += 1;
             }
             if e - s == 1 || shared < need {
-                leaves.push(s);
+                // Too little shared (a row no longer than the prefix): each is a leaf here.
+                leaves.extend(s..e);
             } else {
                 match self.extend(base, base_len, &rows[s][..shared]) {
                     Ok(c) => self.level(&rows[s..e], at + s, Some(&c), shared, out),

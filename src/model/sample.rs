@@ -299,6 +299,20 @@ pub fn generate_continuous(
     if reqs.iter().any(|r| r.prompt.is_empty()) {
         candle_core::bail!("empty prompt");
     }
+    if p.max_tokens == 0 {
+        // Nothing to draw, as `generate` draws nothing.
+        for i in 0..reqs.len() {
+            let finish = Finish::Length;
+            done(
+                i,
+                Output {
+                    tokens: Vec::new(),
+                    finish,
+                },
+            )?;
+        }
+        return Ok(stats);
+    }
     let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     // The last token drawn is never fed back: a row holds at most prompt + max_tokens - 1.
     let capacity = longest + p.max_tokens.max(1) - 1;

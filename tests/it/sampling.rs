@@ -67,7 +67,7 @@ fn continuous(
         )
         .unwrap()
     });
-    assert!(stats.occupancy > 0.0 && stats.occupancy <= 1.0);
+    assert!((0.0..=1.0).contains(&stats.occupancy));
     assert_eq!(finished_order.len(), reqs.len());
     got.into_iter().map(Option::unwrap).collect()
 }
@@ -454,4 +454,25 @@ fn ragged_tensor_cache_matches_rows_alone() {
     })
     .unwrap();
     assert_eq!(n, 7);
+}
+
+/// `max_tokens` 0 draws nothing under either scheduler.
+#[test]
+fn zero_max_tokens_draws_nothing_in_both_schedulers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("m");
+    crate::model_tiny::tiny_model(&mdir, false);
+    let m = emlab::model::load(&mdir, &Device::Cpu).unwrap();
+    let p = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: 0,
+    };
+    let reqs = vec![Request {
+        prompt: prompt(&m, "hello"),
+        seed: 1,
+    }];
+    let want = alone(&m, &reqs, &p);
+    assert_eq!(want, vec![(vec![], Finish::Length)]);
+    assert_eq!(continuous(&m, &reqs, &[0], &p, 4, 1), want);
 }
