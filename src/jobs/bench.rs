@@ -32,8 +32,6 @@ pub enum BenchError {
     Sampling(#[from] candle_core::Error),
     #[error(transparent)]
     Generate(crate::jobs::generate::GenerateError),
-    #[error("question `{0}`: {1}")]
-    Prompt(String, String),
 }
 
 impl Hint for BenchError {
@@ -44,7 +42,7 @@ impl Hint for BenchError {
             BenchError::Data(e) => e.hint(),
             BenchError::Store(e) => e.hint(),
             BenchError::Generate(e) => e.hint(),
-            BenchError::Sampling(_) | BenchError::Prompt(..) => None,
+            BenchError::Sampling(_) => None,
         }
     }
 }
@@ -377,14 +375,9 @@ fn workload_requests(store: &Store, plan: &WorkloadPlan) -> Result<Workload, Ben
     let prompts = question_prompts(store, &set, &None, take).map_err(BenchError::Generate)?;
     let mut reqs = Vec::new();
     for q in &prompts {
-        let text = loaded
-            .tokenizer
-            .render(&q.messages, true)
-            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
-        let tokens = loaded
-            .tokenizer
-            .encode(&text)
-            .map_err(|m| BenchError::Prompt(q.qname.clone(), m))?;
+        let (_, tokens) =
+            crate::jobs::generate::render_prompt(&loaded, &q.qname, &q.messages, plan.max_tokens)
+                .map_err(BenchError::Generate)?;
         for si in 0..plan.samples {
             reqs.push(Request {
                 prompt: tokens.clone(),

@@ -269,6 +269,35 @@ pub fn question_prompts(
     Ok(out)
 }
 
+/// The prompt text a local model sees for `messages` (its chat template), and its tokens;
+/// refused when they and `max_new` new tokens do not fit the model's context.
+pub fn render_prompt(
+    loaded: &Loaded,
+    qname: &str,
+    messages: &[(String, String)],
+    max_new: usize,
+) -> Result<(String, Vec<u32>), GenerateError> {
+    let prompt_err = |msg| GenerateError::Prompt {
+        qid: qname.to_string(),
+        msg,
+    };
+    let rendered = loaded
+        .tokenizer
+        .render(messages, true)
+        .map_err(prompt_err)?;
+    let tokens = loaded.tokenizer.encode(&rendered).map_err(prompt_err)?;
+    let limit = loaded.model.cfg.max_seq;
+    if tokens.len() + max_new > limit {
+        return Err(ModelError::TooLong {
+            tokens: tokens.len(),
+            new: max_new,
+            limit,
+        }
+        .into());
+    }
+    Ok((rendered, tokens))
+}
+
 /// The question set a name or id points at (its id and record).
 pub fn question_set(store: &Store, name: &str) -> Result<(Id, Record), GenerateError> {
     let id = resolve_dataset(store, name)?;
@@ -408,24 +437,7 @@ pub fn run(
         &same_as,
         &params_json,
         |qname, messages| {
-            let prompt_err = |msg| GenerateError::Prompt {
-                qid: qname.to_string(),
-                msg,
-            };
-            let rendered = loaded
-                .tokenizer
-                .render(messages, true)
-                .map_err(prompt_err)?;
-            let tokens = loaded.tokenizer.encode(&rendered).map_err(prompt_err)?;
-            let limit = loaded.model.cfg.max_seq;
-            if tokens.len() + max_new > limit {
-                return Err(ModelError::TooLong {
-                    tokens: tokens.len(),
-                    new: max_new,
-                    limit,
-                }
-                .into());
-            }
+            let (rendered, tokens) = render_prompt(&loaded, qname, messages, max_new)?;
             Ok((Some(rendered), tokens))
         },
     )?;
@@ -464,19 +476,19 @@ pub fn run(
         staged: 0,
         last_write: Instant::now(),
     };
+    // Jobs are grouped by prompt (consecutive): the continuous scheduler prefills each prompt
+    // once while its samples are being started, and most static batches share one prefill.
+    let reqs: Vec<Request> = jobs
+        .iter()
+        .map(|j| Request {
+            prompt: j.tokens.clone(),
+            seed: j.seed,
+        })
+        .collect();
+    let slots = plan.batch.max(1);
     match plan.scheduler {
         Scheduler::Continuous => {
-            // Jobs are grouped by prompt (consecutive): each prompt is prefilled once, while
-            // its samples are being started.
-            let reqs: Vec<Request> = jobs
-                .iter()
-                .map(|j| Request {
-                    prompt: j.tokens.clone(),
-                    seed: j.seed,
-                })
-                .collect();
             let mut failed: Option<GenerateError> = None;
-            let slots = plan.batch.max(1);
             let stats = generate_continuous(
                 &loaded.model,
                 &loaded.tokenizer.stop_ids,
@@ -498,29 +510,24 @@ pub fn run(
             if let Some(e) = failed {
                 return Err(e);
             }
-            // Keep what finished before a sampling error.
-            if let Err(e) = stats {
-                sink.flush()?;
-                return Err(GenerateError::Sampling(e));
-            }
-            let stats = stats.map_err(GenerateError::Sampling)?;
+            let stats = match stats {
+                Ok(s) => s,
+                Err(e) => {
+                    // Keep what finished before a sampling error.
+                    sink.flush()?;
+                    return Err(GenerateError::Sampling(e));
+                }
+            };
             report.slot_occupancy = Some(stats.occupancy);
             sink.flush()?;
         }
         Scheduler::Static => {
-            for chunk in jobs.chunks(plan.batch.max(1)) {
-                let reqs: Vec<Request> = chunk
-                    .iter()
-                    .map(|j| Request {
-                        prompt: j.tokens.clone(),
-                        seed: j.seed,
-                    })
-                    .collect();
+            for (chunk, reqs) in jobs.chunks(slots).zip(reqs.chunks(slots)) {
                 let t = Instant::now();
                 let (outs, _timing) = generate(
                     &loaded.model,
                     &loaded.tokenizer.stop_ids,
-                    &reqs,
+                    reqs,
                     &plan.params,
                 )
                 .map_err(GenerateError::Sampling)?;

@@ -206,7 +206,7 @@ pub struct Weights {
 
 /// Per-layer key/value buffers of shape `[batch, kv_heads, capacity, head_dim]`, written in
 /// place. A plain cache has `len` slots filled in every row (rows are left-padded); a ragged
-/// one ([`Cache::ragged`], for continuous batching) keeps a length per row, rows being
+/// one ([`Model::new_ragged_cache`], for continuous batching) keeps a length per row, rows being
 /// separate sequences at their own positions. Memory is `batch x capacity` either way.
 pub struct Cache {
     kv: Kv,
@@ -266,31 +266,6 @@ impl Cache {
             kv_heads: cfg.kv_heads,
             head_dim: cfg.head_dim,
         })
-    }
-
-    /// A cache of `rows` empty rows, each an independent sequence with its own length: the
-    /// decode slots of continuous batching. Rows are filled by [`Cache::load_row`].
-    pub fn ragged(
-        cfg: &Config,
-        rows: usize,
-        capacity: usize,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Cache> {
-        Cache::ragged_of_kind(cfg, rows, capacity, dtype, dev, false)
-    }
-
-    fn ragged_of_kind(
-        cfg: &Config,
-        rows: usize,
-        capacity: usize,
-        dtype: DType,
-        dev: &Device,
-        tensors: bool,
-    ) -> Result<Cache> {
-        let mut c = Cache::of_kind(cfg, rows, capacity, dtype, dev, tensors)?;
-        c.row_len = Some(vec![0; rows]);
-        Ok(c)
     }
 
     pub fn batch(&self) -> usize {
@@ -566,16 +541,12 @@ impl Model {
         )
     }
 
-    /// A ragged cache ([`Cache::ragged`]) for this model.
+    /// A cache of `rows` empty rows, each an independent sequence with its own length: the
+    /// decode slots of continuous batching. Rows are filled by [`Cache::load_row`].
     pub fn new_ragged_cache(&self, rows: usize, capacity: usize) -> Result<Cache> {
-        Cache::ragged_of_kind(
-            &self.cfg,
-            rows,
-            capacity.min(self.cfg.max_seq),
-            self.dtype,
-            &self.device,
-            self.tensor_kv,
-        )
+        let mut c = self.new_cache(rows, capacity)?;
+        c.row_len = Some(vec![0; rows]);
+        Ok(c)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {

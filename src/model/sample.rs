@@ -302,20 +302,14 @@ pub fn generate_continuous(
     if p.max_tokens == 0 {
         // Nothing to draw, as `generate` draws nothing.
         for i in 0..reqs.len() {
-            let finish = Finish::Length;
-            done(
-                i,
-                Output {
-                    tokens: Vec::new(),
-                    finish,
-                },
-            )?;
+            let (tokens, finish) = (Vec::new(), Finish::Length);
+            done(i, Output { tokens, finish })?;
         }
         return Ok(stats);
     }
     let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     // The last token drawn is never fed back: a row holds at most prompt + max_tokens - 1.
-    let capacity = longest + p.max_tokens.max(1) - 1;
+    let capacity = longest + p.max_tokens - 1;
     if longest + p.max_tokens > model.cfg.max_seq {
         candle_core::bail!(
             "prompt of {longest} tokens plus {} new tokens exceeds the model's context of {}",
