@@ -123,13 +123,7 @@ fn dequantized_matches_llama_cpp_reference() {
     check_against_reference(true);
 }
 
-fn prompt(m: &emlab::model::Loaded, q: &str) -> Vec<u32> {
-    let r = m
-        .tokenizer
-        .render(&[("user".into(), q.into())], true)
-        .unwrap();
-    m.tokenizer.encode(&r).unwrap()
-}
+use crate::model_tiny::prompt;
 
 /// On the quantized weights (emlab's kernels) and on dense f32 ones. Candle's own quantized
 /// CPU matmul failed this: a prompt left-padded in a batch of two drifted by 0.39 logits.

@@ -149,7 +149,8 @@ pub fn tiny_model(dir: &Path, qwen2: bool) {
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
 }
 
-fn prompt(m: &emlab::model::Loaded, text: &str) -> Vec<u32> {
+/// The tokens of `text` as one user turn in the model's chat template, ready to answer.
+pub fn prompt(m: &emlab::model::Loaded, text: &str) -> Vec<u32> {
     let r = m
         .tokenizer
         .render(&[("user".into(), text.into())], true)
@@ -320,37 +321,54 @@ fn bad_model_files_are_named() {
     );
 }
 
-/// Write a PEFT adapter for the tiny Llama: A random, B random (or zero), on q_proj and
-/// down_proj of every layer, rsLoRA.
-pub fn write_adapter(dir: &Path, r: usize, zero_b: bool) {
+/// Write a PEFT adapter: `config` (adapter_config.json), and seeded uniform A and B of rank
+/// `r` in [-scale, scale) (B zero with `zero_b`) for `layers` layers and each
+/// `(projection, group, out, in)` of `projections`.
+pub fn write_peft_adapter(
+    dir: &Path,
+    config: serde_json::Value,
+    seed: u64,
+    layers: usize,
+    projections: &[(&str, &str, usize, usize)],
+    scale: f64,
+    zero_b: bool,
+) {
     std::fs::create_dir_all(dir).unwrap();
-    let cfg = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "use_rslora": true,
-        "target_modules": ["q_proj", "down_proj"], "base_model_name_or_path": "tiny"});
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let mut rng = emlab::util::rng::Rng::new(7, 0);
-    let mut rand = |shape: (usize, usize), scale: f64| {
+    let r = config["r"].as_u64().unwrap() as usize;
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let mut rng = emlab::util::rng::Rng::new(seed, 0);
+    let mut rand = |shape: (usize, usize)| {
         let v: Vec<f32> = (0..shape.0 * shape.1)
             .map(|_| ((rng.unit() * 2.0 - 1.0) * scale) as f32)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     };
     let mut t = HashMap::new();
-    for i in 0..2 {
-        for (m, part, out, inp) in [
-            ("q_proj", "self_attn", 64, 64),
-            ("down_proj", "mlp", 64, 128),
-        ] {
+    for i in 0..layers {
+        for &(m, part, out, inp) in projections {
             let p = format!("base_model.model.model.layers.{i}.{part}.{m}");
-            t.insert(format!("{p}.lora_A.weight"), rand((r, inp), 0.3));
+            t.insert(format!("{p}.lora_A.weight"), rand((r, inp)));
             let b = if zero_b {
                 Tensor::zeros((out, r), DType::F32, &Device::Cpu).unwrap()
             } else {
-                rand((out, r), 0.3)
+                rand((out, r))
             };
             t.insert(format!("{p}.lora_B.weight"), b);
         }
     }
     candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+/// Write a PEFT adapter for the tiny Llama: A random, B random (or zero), on q_proj and
+/// down_proj of every layer, rsLoRA.
+pub fn write_adapter(dir: &Path, r: usize, zero_b: bool) {
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "use_rslora": true,
+        "target_modules": ["q_proj", "down_proj"], "base_model_name_or_path": "tiny"});
+    let projections = [
+        ("q_proj", "self_attn", 64, 64),
+        ("down_proj", "mlp", 64, 128),
+    ];
+    write_peft_adapter(dir, cfg, 7, 2, &projections, 0.3, zero_b);
 }
 
 fn last_logits(m: &emlab::model::Loaded) -> Vec<f32> {

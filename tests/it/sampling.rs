@@ -8,14 +8,7 @@ use emlab::model::sample::{
 };
 
 use crate::model::smollm2_path;
-
-fn prompt(m: &emlab::model::Loaded, text: &str) -> Vec<u32> {
-    let r = m
-        .tokenizer
-        .render(&[("user".into(), text.into())], true)
-        .unwrap();
-    m.tokenizer.encode(&r).unwrap()
-}
+use crate::model_tiny::prompt;
 
 /// Each request alone: the reference.
 fn alone(
@@ -301,36 +294,19 @@ fn generate_records_do_not_depend_on_slots_scheduler_threads_or_kills() {
 /// A PEFT adapter with SmolLM2-135M's shapes on every projection of every layer (r 8,
 /// small random weights): a checkpoint on the quantized base, unmerged.
 fn smollm2_adapter(dir: &std::path::Path) {
-    use candle_core::Tensor;
-    std::fs::create_dir_all(dir).unwrap();
     let cfg = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": false,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"});
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let mut rng = emlab::util::rng::Rng::new(11, 0);
-    let mut rand = |shape: (usize, usize), scale: f64| {
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| ((rng.unit() * 2.0 - 1.0) * scale) as f32)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    };
-    let mut t = std::collections::HashMap::new();
-    for i in 0..30 {
-        for (m, part, out, inp) in [
-            ("q_proj", "self_attn", 576, 576),
-            ("k_proj", "self_attn", 192, 576),
-            ("v_proj", "self_attn", 192, 576),
-            ("o_proj", "self_attn", 576, 576),
-            ("gate_proj", "mlp", 1536, 576),
-            ("up_proj", "mlp", 1536, 576),
-            ("down_proj", "mlp", 576, 1536),
-        ] {
-            let p = format!("base_model.model.model.layers.{i}.{part}.{m}");
-            t.insert(format!("{p}.lora_A.weight"), rand((8, inp), 0.02));
-            t.insert(format!("{p}.lora_B.weight"), rand((out, 8), 0.02));
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+    let projections = [
+        ("q_proj", "self_attn", 576, 576),
+        ("k_proj", "self_attn", 192, 576),
+        ("v_proj", "self_attn", 192, 576),
+        ("o_proj", "self_attn", 576, 576),
+        ("gate_proj", "mlp", 1536, 576),
+        ("up_proj", "mlp", 1536, 576),
+        ("down_proj", "mlp", 576, 1536),
+    ];
+    crate::model_tiny::write_peft_adapter(dir, cfg, 11, 30, &projections, 0.02, false);
 }
 
 /// SmolLM2's quantized blocks with an unmerged adapter (its share added into each block
