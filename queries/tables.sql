@@ -6,6 +6,7 @@ SELECT 'bench' AS "table", count(*) AS records FROM read_parquet(getvariable('pa
 UNION ALL SELECT 'checkpoint', count(*) FROM read_parquet(getvariable('parquet') || '/checkpoint/*/*.parquet')
 UNION ALL SELECT 'conversation', count(*) FROM read_parquet(getvariable('parquet') || '/conversation/*/*.parquet')
 UNION ALL SELECT 'dataset', count(*) FROM read_parquet(getvariable('parquet') || '/dataset/*/*.parquet')
+UNION ALL SELECT 'direction', count(*) FROM read_parquet(getvariable('parquet') || '/direction/*/*.parquet')
 UNION ALL SELECT 'generation', count(*) FROM read_parquet(getvariable('parquet') || '/generation/*/*.parquet')
 UNION ALL SELECT 'judgment', count(*) FROM read_parquet(getvariable('parquet') || '/judgment/*/*.parquet')
 UNION ALL SELECT 'message', count(*) FROM read_parquet(getvariable('parquet') || '/message/*/*.parquet')

@@ -80,3 +80,35 @@ impl WeightArgs {
         }
     }
 }
+
+/// Steering and ablation of the residual stream with a stored direction (`emlab
+/// activations`), for the verbs that run a local model.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EditArgs {
+    /// Add SCALE x unit(direction at LAYER) to LAYER's output at every position:
+    /// NAME:LAYER:SCALE (repeatable; a negative scale steers away).
+    #[arg(long, value_name = "NAME:LAYER:SCALE", value_parser = emlab::jobs::direction::EditSpec::parse_steer, allow_hyphen_values = true)]
+    pub steer: Vec<(String, usize, f64)>,
+    /// Project a direction out of the residual stream: at each layer it measured, that
+    /// layer's direction (or, with --ablate-layer L, layer L's direction at every layer).
+    #[arg(long, value_name = "NAME")]
+    pub ablate: Option<String>,
+    /// With --ablate: use layer L's direction at every layer.
+    #[arg(long, value_name = "L", requires = "ablate")]
+    pub ablate_layer: Option<usize>,
+    /// The control: steer or ablate with Gaussian vectors drawn from SEED, with exactly the
+    /// direction's norm at each layer, instead of the direction.
+    #[arg(long, value_name = "SEED")]
+    pub steer_random: Option<u64>,
+}
+
+impl EditArgs {
+    pub fn spec(&self) -> emlab::jobs::direction::EditSpec {
+        emlab::jobs::direction::EditSpec {
+            steer: self.steer.clone(),
+            ablate: self.ablate.clone(),
+            ablate_layer: self.ablate_layer,
+            random: self.steer_random,
+        }
+    }
+}

@@ -99,6 +99,26 @@ pub enum BenchCmd {
         #[arg(long)]
         sequential: bool,
     },
+    /// Activation capture for a direction against a plain prefill of the same answers, in
+    /// alternating rounds (tokens/s of each, and their ratio).
+    Activations {
+        #[arg(long)]
+        model: PathBuf,
+        /// Misaligned answers, as `emlab activations --misaligned`.
+        #[arg(long, value_parser = str::parse::<emlab::jobs::direction::Selection>)]
+        misaligned: emlab::jobs::direction::Selection,
+        /// Aligned answers, as `emlab activations --aligned`.
+        #[arg(long, value_parser = str::parse::<emlab::jobs::direction::Selection>)]
+        aligned: emlab::jobs::direction::Selection,
+        #[arg(long, default_value = "all", value_parser = str::parse::<emlab::util::layers::LayerSpec>)]
+        layers: emlab::util::layers::LayerSpec,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[command(flatten)]
+        weights: super::args::WeightArgs,
+    },
     /// Time batched ingest (encode + hash + commit, one thread) and Parquet export.
     Store {
         #[arg(long, default_value_t = 100_000)]
@@ -223,6 +243,31 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
                 .with_context(|| format!("benchmarking the judge {}", model.display()))?;
             drop(store);
             ("judge.local", r)
+        }
+        BenchCmd::Activations {
+            model,
+            misaligned,
+            aligned,
+            layers,
+            batch,
+            rounds,
+            weights,
+        } => {
+            let store = ctx.open()?;
+            let plan = emlab::jobs::direction::ActivationsPlan {
+                name: "bench".into(),
+                model: model.clone(),
+                adapter: None,
+                weights: weights.mode(),
+                misaligned,
+                aligned,
+                layers,
+                batch,
+            };
+            let r = emlab::jobs::direction::bench(&store, &plan, rounds)
+                .with_context(|| format!("benchmarking activations on {}", model.display()))?;
+            drop(store);
+            ("model.activations", r)
         }
         BenchCmd::Store { records, repeat } => (
             "store.ingest_export",

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::args::{choice, EndpointArgs, WeightArgs};
+use super::args::{choice, EditArgs, EndpointArgs, WeightArgs};
 use super::{note, out, out_json, progress_bar, short, Ctx};
 use emlab::jobs::generate::{run, run_endpoint, AdapterSource, EndpointGeneratePlan, GeneratePlan};
 use emlab::model::sample::{SamplingParams, Scheduler};
@@ -59,6 +59,8 @@ pub struct Args {
     /// memory of Q4 blocks, and slower on the CPU).
     #[arg(long)]
     pub merge_adapter: bool,
+    #[command(flatten)]
+    pub edits: EditArgs,
 }
 
 pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
@@ -80,6 +82,9 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         }
     };
     let r = if let Some(endpoint) = a.endpoint.endpoint() {
+        if !a.edits.spec().is_empty() {
+            anyhow::bail!("--steer and --ablate edit a local model's residual stream: use --model, not --endpoint");
+        }
         let url = endpoint.base_url.clone();
         let plan = EndpointGeneratePlan {
             endpoint,
@@ -115,6 +120,7 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             seed: a.seed,
             weights: a.weights.mode(),
             adapter,
+            edits: a.edits.spec(),
         };
         run(&store, &plan, &mut progress)
             .with_context(|| format!("generating with {}", model.display()))?

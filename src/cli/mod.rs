@@ -6,6 +6,7 @@
 mod args;
 mod bench;
 mod data;
+mod direction;
 mod export;
 mod generate;
 mod judge;
@@ -81,6 +82,14 @@ pub enum Command {
     /// The judge-free likelihood probe: how much more likely the model finds misaligned
     /// reference answers than aligned ones; stored as metric records.
     Probe(Box<probe::Args>),
+    /// Compute a misalignment direction: per layer, mean activation over misaligned answers
+    /// minus over aligned ones; stored as a `direction` record under NAME.
+    Activations(Box<direction::ActivationsArgs>),
+    /// Stored directions: list, compare (cosine per layer).
+    Direction {
+        #[command(subcommand)]
+        cmd: direction::DirectionCmd,
+    },
     /// Run a benchmark and store the result as a `bench` record.
     Bench {
         #[command(subcommand)]
@@ -138,6 +147,8 @@ pub fn run() -> Result<ExitCode> {
         Command::Data { cmd } => data::run(&ctx, cmd),
         Command::Lineage { target } => data::lineage(&ctx, &target),
         Command::Bench { cmd } => bench::run(&ctx, cmd),
+        Command::Activations(a) => direction::run_activations(&ctx, *a),
+        Command::Direction { cmd } => direction::run(&ctx, cmd),
         Command::Generate(a) => generate::run_cmd(&ctx, *a),
         Command::Results { cmd } => judge::results(&ctx, cmd),
         Command::Metrics(a) => judge::metrics(&ctx, a),
@@ -229,6 +240,7 @@ pub fn hint_for(err: &anyhow::Error) -> Option<String> {
             .or_else(|| of::<emlab::judge::Error>(cause))
             .or_else(|| of::<emlab::jobs::bench::BenchError>(cause))
             .or_else(|| of::<emlab::jobs::probe::ProbeError>(cause))
+            .or_else(|| of::<emlab::jobs::direction::DirectionError>(cause))
             .or_else(|| of::<emlab::jobs::study::StudyError>(cause))
             .or_else(|| of::<emlab::endpoint::ClientError>(cause));
         if let Some(Some(h)) = found {

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::args::WeightArgs;
+use super::args::{EditArgs, WeightArgs};
 use super::{note, out, out_json, short, Ctx};
 use emlab::jobs::load::AdapterSource;
 use emlab::jobs::probe::{Labels, ProbePlan, Reference};
@@ -49,6 +49,8 @@ pub struct Args {
     /// Bootstrap resamples for the 95% interval.
     #[arg(long, default_value_t = 1000)]
     pub resamples: usize,
+    #[command(flatten)]
+    pub edits: EditArgs,
 }
 
 pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
@@ -96,6 +98,7 @@ pub fn run(ctx: &Ctx, a: Args) -> Result<ExitCode> {
         batch: a.batch,
         seed: a.seed,
         resamples: a.resamples,
+        edits: a.edits.spec(),
     };
     let r = emlab::jobs::probe::run(&store, &plan)
         .with_context(|| format!("probing {}", a.model.display()))?;

@@ -41,6 +41,8 @@ pub enum GenerateError {
     Prompt { qid: String, msg: String },
     #[error("sampling failed: {0}")]
     Sampling(candle_core::Error),
+    #[error(transparent)]
+    Direction(#[from] super::direction::DirectionError),
     #[error("{0} (answers received before it are stored; rerun to retry the rest)")]
     Client(#[from] ClientError),
 }
@@ -53,6 +55,7 @@ impl Hint for GenerateError {
             GenerateError::Store(e) => e.hint(),
             GenerateError::Checkpoint(e) => e.hint(),
             GenerateError::Client(e) => e.hint(),
+            GenerateError::Direction(e) => e.hint(),
             GenerateError::NotQuestions(_) => Some(
                 "`emlab data list` shows each dataset's kind; sample from a `questions` one".into(),
             ),
@@ -81,6 +84,9 @@ pub struct GeneratePlan {
     /// Quantized or dense weights (GGUF models).
     pub weights: crate::model::WeightMode,
     pub adapter: Option<AdapterSource>,
+    /// Steering or ablation with a stored direction: recorded in the sampling parameters, so
+    /// edited samples are their own records.
+    pub edits: super::direction::EditSpec,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -393,8 +399,9 @@ pub fn run(
     progress: Progress<'_>,
 ) -> Result<GenerateReport, GenerateError> {
     let (set_id, set) = question_set(store, &plan.questions)?;
-    let (loaded, quantized): (Loaded, bool) =
+    let (mut loaded, quantized): (Loaded, bool) =
         super::load::load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
+    let edits = super::direction::apply_edits(store, &plan.edits, &mut loaded)?;
     let model_id = loaded.record().id()?;
     // A checkpoint sampled unmerged: its samples drawn merged (what emlab did before it
     // sampled checkpoints unmerged) are the same checkpoint's answers and count as stored.
@@ -411,13 +418,17 @@ pub fn run(
         }
         _ => Vec::new(),
     };
-    let params_json = json!({
+    let mut params_json = json!({
         "engine": "emlab-candle",
         "temperature": plan.params.temperature,
         "top_p": plan.params.top_p,
         "max_tokens": plan.params.max_tokens,
         "quantized": quantized,
     });
+    if let Some(e) = edits {
+        // Only when there is an edit: unedited samples keep their ids.
+        params_json["intervention"] = e;
+    }
     let mut run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "batch": plan.batch});
     if plan.scheduler != Scheduler::Continuous {
         // Named only when not the default, so earlier runs keep their ids.

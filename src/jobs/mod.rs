@@ -1,6 +1,7 @@
 //! Jobs: the long-running work a verb starts, each taking a validated plan and writing
 //! records as it goes, resumable by key. [`generate`] samples answers (a local model or an
-//! endpoint), [`judge`] judges them, [`probe`] measures the judge-free likelihood probe,
+//! endpoint), [`judge`] judges them, [`probe`] measures the judge-free likelihood probe, [`direction`] computes and applies
+//! misalignment directions,
 //! [`train`] fine-tunes a LoRA adapter, [`synth`] builds a dataset with an LLM, and
 //! [`bench`](mod@bench) measures and stores `bench` records. [`load`] loads a model with its
 //! adapter for them.
@@ -9,6 +10,7 @@
 //! judge, endpoint and provenance, and nothing below them calls a job.
 
 pub mod bench;
+pub mod direction;
 pub mod generate;
 pub mod judge;
 pub mod load;

@@ -38,6 +38,8 @@ pub enum ProbeError {
     NoAnswers(String),
     #[error("reference answers: {0}")]
     Reference(String),
+    #[error(transparent)]
+    Direction(#[from] super::direction::DirectionError),
     #[error("scoring: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -48,6 +50,7 @@ impl Hint for ProbeError {
             ProbeError::Model(e) => e.hint(),
             ProbeError::Load(e) => e.hint(),
             ProbeError::Data(e) => e.hint(),
+            ProbeError::Direction(e) => e.hint(),
             ProbeError::Store(e) => e.hint(),
             ProbeError::NoAnswers(_) => Some(
                 "e.g. emlab results import ../shared/data/emerg-misalign-repro/original_finetuned_eval_data.csv --format betley --model-name gpt-4o-insecure"
@@ -119,6 +122,8 @@ pub struct ProbePlan {
     pub batch: usize,
     pub seed: u64,
     pub resamples: usize,
+    /// Steering or ablation during scoring (recorded in the metric's definition).
+    pub edits: super::direction::EditSpec,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -291,7 +296,9 @@ pub fn run(store: &Store, plan: &ProbePlan) -> Result<ProbeReport, ProbeError> {
             (refs, r, "dataset labels".to_string())
         }
     };
-    let (loaded, quantized) = load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
+    let (mut loaded, quantized) =
+        load_model(store, &plan.model, plan.weights, plan.adapter.as_ref())?;
+    let edits = super::direction::apply_edits(store, &plan.edits, &mut loaded)?;
     let model_id = store.put(&loaded.record())?;
     let conversations: Vec<Vec<(String, String)>> =
         refs.iter().map(|r| r.messages.clone()).collect();
@@ -307,13 +314,16 @@ pub fn run(store: &Store, plan: &ProbePlan) -> Result<ProbeReport, ProbeError> {
             loglik: s.mean(),
         })
         .collect();
-    let definition = json!({
+    let mut definition = json!({
         "definition": "likelihood-probe",
         "statistic": "mean over questions of (mean log-likelihood per answer token of misaligned answers - of aligned answers)",
         "labels": plan.labels,
         "reference": reference_json,
         "weights": if quantized { "quantized" } else { "dense" },
     });
+    if let Some(e) = edits {
+        definition["intervention"] = e;
+    }
     let bootstrap = json!({"resamples": plan.resamples, "seed": plan.seed, "over": "questions, then answers within question and label"});
     let p = compute(&answers, plan.seed, plan.resamples);
     let mut batch = Batch::new();

@@ -437,7 +437,13 @@ pub struct Model {
     /// Keep the KV cache in Candle tensors and attend with Candle's ops, as on CUDA, even on
     /// the CPU in f32 (tests of the CUDA path's cache logic on a machine without a GPU).
     pub tensor_kv: bool,
+    /// Edits of the residual stream at layer outputs (steering, ablation), applied by every
+    /// forward.
+    pub intervention: Option<super::steer::Intervention>,
 }
+
+/// Called with each layer's output (`[batch, t, hidden]`, after any intervention).
+pub type Capture<'a> = &'a mut dyn FnMut(usize, &Tensor) -> Result<()>;
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // Inference only: the fused kernel has no backward, which training must avoid.
@@ -474,6 +480,7 @@ impl Model {
             device,
             dtype,
             tensor_kv: false,
+            intervention: None,
         })
     }
 
@@ -600,6 +607,18 @@ impl Model {
     /// Like [`Model::forward`], but return the final (normed) hidden states `[batch, t,
     /// hidden]` of every position, for callers that need logits at a few positions only.
     pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.forward_hidden_capture(tokens, cache, None)
+    }
+
+    /// [`Model::forward_hidden`], handing each layer's output to `capture` (activations for
+    /// directions; the output is the residual stream after the layer, as the model-organisms
+    /// work reads it).
+    pub fn forward_hidden_capture(
+        &self,
+        tokens: &Tensor,
+        cache: &mut Cache,
+        mut capture: Option<Capture<'_>>,
+    ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         // A ragged cache may hold more rows than this step runs (its first `b`).
         if b > cache.batch() || (cache.row_len.is_none() && b != cache.batch()) {
@@ -641,6 +660,12 @@ impl Model {
                 .map_err(|_| candle_core::Error::Msg("gate/up".into()))?;
             let m = layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
             x = (x + m)?;
+            if let Some(iv) = &self.intervention {
+                x = iv.apply(li, x)?;
+            }
+            if let Some(c) = capture.as_mut() {
+                c(li, &x)?;
+            }
         }
         match &mut cache.row_len {
             Some(lens) => lens[..b].iter_mut().for_each(|l| *l += t),

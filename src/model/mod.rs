@@ -14,6 +14,7 @@ pub mod llama;
 pub mod load;
 pub mod mask;
 pub mod sample;
+pub mod steer;
 pub mod tokenizer;
 
 pub use load::{load, Loaded, ModelError};

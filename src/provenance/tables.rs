@@ -22,9 +22,12 @@ pub const BENCH: &str = "bench";
 pub const METRIC: &str = "metric";
 pub const STUDY: &str = "study";
 pub const STUDY_STEP: &str = "study_step";
+pub const DIRECTION: &str = "direction";
 
 /// The namespace of dataset names (aliases).
 pub const NS_DATASET: &str = "dataset";
+/// The namespace of direction names (`emlab activations NAME`).
+pub const NS_DIRECTION: &str = "direction";
 
 pub static TABLES: &[TableDef] = &[
     TableDef {
@@ -306,6 +309,31 @@ pub static TABLES: &[TableDef] = &[
             C::new("name", T::Str, "the spec's name"),
             C::new("spec", T::Json, "the spec as written, as canonical JSON"),
             C::new("steps", T::IdList, "its study_step records in plan order").link(),
+        ],
+    },
+    TableDef {
+        name: DIRECTION,
+        doc: "A direction in the residual stream: per layer, the mean activation over misaligned answers minus that over aligned ones (each answer the mean over its answer tokens at the layer's output).",
+        columns: &[
+            C::new("name", T::Str, "the name given to `emlab activations`"),
+            C::new("model", T::Id, "the model (or base + adapter) the activations are of").link(),
+            C::new("layers", T::IntList, "the layers measured (0-based; a layer's output is the residual stream after it)"),
+            C::new("hidden", T::Int, "hidden size (values per layer)"),
+            C::new(
+                "vectors",
+                T::Blob,
+                "safetensors blob: `direction.L`, `misaligned.L`, `aligned.L` (f32, `[hidden]`) per measured layer L",
+            ),
+            C::new("norms", T::FloatList, "the direction's norm at each measured layer, in `layers` order"),
+            C::new("n_misaligned", T::Int, "misaligned answers averaged"),
+            C::new("n_aligned", T::Int, "aligned answers averaged"),
+            C::new("misaligned", T::IdList, "the misaligned answers (conversation or generation ids)").link(),
+            C::new("aligned", T::IdList, "the aligned answers (conversation or generation ids)").link(),
+            C::new(
+                "selection",
+                T::Json,
+                "how each group was selected (dataset or generations with filters), answer token counts, and the model config",
+            ),
         ],
     },
     TableDef {

@@ -2,13 +2,14 @@
 //! ([`time`]), facts about the machine for `bench` records ([`machine`]), the one seeded
 //! random-number generator ([`rng`]), atomic file writes ([`fs`]), file-format pieces shared
 //! by importers ([`parse`]: the `file:line: what was expected` error; [`csv`]; Python
-//! literals in [`pylit`]), [`choice`], the plain named enums the CLI offers as values, and
+//! literals in [`pylit`]), [`layers`], layer lists as options take them; [`choice`], the plain named enums the CLI offers as values, and
 //! [`hint`], the trait through which every error type says how to fix it.
 
 pub mod choice;
 pub mod csv;
 pub mod fs;
 pub mod hint;
+pub mod layers;
 pub mod machine;
 pub mod parse;
 pub mod pylit;

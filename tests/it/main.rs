@@ -7,6 +7,7 @@ mod cli_output;
 mod compat;
 mod crash;
 mod datasets;
+mod direction;
 mod endpoint;
 mod errors;
 mod judge;

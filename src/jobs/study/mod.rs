@@ -1009,6 +1009,7 @@ impl Exec<'_> {
                                 id: c.to_hex(),
                                 merge: false,
                             }),
+                            edits: Default::default(),
                         },
                         &mut |_, _| {},
                     )?,
@@ -1254,6 +1255,7 @@ impl Exec<'_> {
                     batch,
                     seed,
                     resamples,
+                    edits: Default::default(),
                 };
                 let r = crate::jobs::probe::run(x.store, &plan)?;
                 r.metrics.iter().map(|m| Ok(m.parse::<Id>()?)).collect()
