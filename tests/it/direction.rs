@@ -384,8 +384,8 @@ const MO_ZIP: &str = "model-organisms-for-EM/em_organism_dir/data/training_datas
 const MO_PASSWORD: &str = "model-organisms-em-datasets";
 
 /// The real result: a direction from 100 + 100 training rows of model-organisms bad vs good
-/// medical advice (rows 100-199 of each; the same user turns), then on 24 held-out pairs
-/// (rows 0-23): the probe gap (bad minus good mean log-likelihood per answer token) rises
+/// medical advice (rows 100-199 of each; the same user turns), then on 16 held-out pairs
+/// (rows 0-15): the probe gap (bad minus good mean log-likelihood per answer token) rises
 /// with steering at layer 15 along the direction, falls against it, and a random vector of
 /// the same norm at the same scale moves it less.
 #[test]
@@ -428,7 +428,7 @@ fn steering_moves_the_probe_gap_on_held_out_medical_pairs() {
             "--from",
             &from,
             "--take",
-            "24",
+            "16",
             &format!("{g}-held"),
         ]);
     }
