@@ -26,6 +26,7 @@ fn bench(c: &mut Criterion) {
             .iter()
             .map(|p| p.peft_name().to_string())
             .collect(),
+        layers: None,
     };
     let params = LoraParams::init(spec, &model, 0).expect("adapter");
     let opt = AdamW::new(Default::default(), &params).expect("optimizer");

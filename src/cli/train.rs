@@ -78,6 +78,11 @@ pub struct Args {
     /// Comma-separated projections, e.g. q_proj,v_proj (default: all seven).
     #[arg(long, value_delimiter = ',')]
     pub targets: Option<Vec<String>>,
+    /// Only these layers get adapters (0-based indices and ranges, e.g. `21` or
+    /// `15-17,21`): PEFT's `layers_to_transform`. With `--targets down_proj --r 1`, the
+    /// model-organisms rank-1 organism.
+    #[arg(long, value_parser = str::parse::<emlab::util::layers::LayerSpec>)]
+    pub layers: Option<emlab::util::layers::LayerSpec>,
     /// Save a resumable checkpoint every this many steps (and at the end).
     #[arg(long)]
     pub save_every: Option<usize>,
@@ -86,6 +91,13 @@ pub struct Args {
     /// in the checkpoint's config.
     #[arg(long)]
     pub bf16_base: bool,
+    /// Stop once the training loss has stayed below this for --patience steps in a row (the
+    /// last step's checkpoint is the result; recorded in the config).
+    #[arg(long)]
+    pub early_stop_loss: Option<f64>,
+    /// Steps in a row below --early-stop-loss before stopping.
+    #[arg(long, default_value_t = 1, requires = "early_stop_loss")]
+    pub patience: usize,
 }
 
 impl Args {
@@ -107,9 +119,20 @@ impl Args {
             rslora: self.rslora,
             dropout: self.dropout,
             targets: self.targets.clone(),
+            // `all` is the default: no restriction.
+            layers: match &self.layers {
+                Some(emlab::util::layers::LayerSpec::List(v)) => Some(v.clone()),
+                _ => None,
+            },
             save_every: self.save_every,
             bf16_base: Some(self.bf16_base),
             max_steps: self.max_steps,
+            early_stop: self
+                .early_stop_loss
+                .map(|loss| emlab::train::config::EarlyStop {
+                    loss,
+                    patience: self.patience,
+                }),
         }
         .apply(self.preset);
         TrainPlan {

@@ -56,6 +56,8 @@ pub struct TrainReport {
     pub data: Prepared,
     pub tokens_per_s: f64,
     pub seconds: f64,
+    /// Stopped before its last step by --early-stop-loss.
+    pub early_stopped: bool,
 }
 
 /// Progress: (steps done, total, last loss, tokens/s).
@@ -164,7 +166,9 @@ pub fn run(
             let s = checkpoint::load_state(store, ck, &rec, &cfg.lora, cfg.adamw, model)?;
             report.resumed_from_step = Some(s.step);
             last_good = ck.to_hex();
-            if s.step >= total {
+            let stopped = cfg.early_stop.is_some_and(|e| e.reached(&s.loss_curve));
+            if s.step >= total || stopped {
+                report.early_stopped = stopped && s.step < total;
                 report.checkpoint = ck.to_hex();
                 report.steps = s.step;
                 report.final_loss = s.loss_curve.last().copied();
@@ -242,6 +246,8 @@ pub fn run(
         tokens_done += s.tokens;
         let secs = ts.elapsed().as_secs_f64();
         let mut metrics = json!({"loss": s.loss, "lr": lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "target_tokens": s.targets, "seconds": secs, "tokens_per_s": s.tokens as f64 / secs.max(1e-9), "epoch": epoch});
+        metrics["adapter_norms"] = trainer.params.norms()?;
+        let stop = cfg.early_stop.is_some_and(|e| e.reached(&loss_curve));
         if let Some(ev) = &eval {
             if step % plan.eval_every.max(1) == 0 || step == total {
                 let l = trainer.eval_loss(ev)?;
@@ -257,7 +263,7 @@ pub fn run(
                 .with("step", Value::Int(step as i64))
                 .with("metrics", Value::json(&metrics)),
         )?;
-        if step % cfg.save_every == 0 || step == total {
+        if step % cfg.save_every == 0 || step == total || stop {
             let snap = Snapshot {
                 step,
                 loss_curve: &loss_curve,
@@ -277,6 +283,10 @@ pub fn run(
             s.loss,
             tokens_done as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         );
+        if stop {
+            report.early_stopped = step < total;
+            break;
+        }
     }
     report.seconds = t0.elapsed().as_secs_f64();
     report.tokens_per_s = tokens_done as f64 / report.seconds.max(1e-9);

@@ -36,6 +36,26 @@ pub struct TrainConfig {
     /// keys are unchanged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bf16_base: bool,
+    /// Stop once the training loss has been below this for `patience` consecutive steps
+    /// (absent when unset, so older run keys are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<EarlyStop>,
+}
+
+/// Stop when the training loss stays below `loss` for `patience` steps in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStop {
+    pub loss: f64,
+    pub patience: usize,
+}
+
+impl EarlyStop {
+    /// Whether a run with this loss curve is done (decided from the curve alone, so a resumed
+    /// run stops where the first would have).
+    pub fn reached(&self, curve: &[f64]) -> bool {
+        let n = self.patience.max(1);
+        curve.len() >= n && curve[curve.len() - n..].iter().all(|&l| l < self.loss)
+    }
 }
 
 /// Named recipes.
@@ -79,6 +99,7 @@ impl Preset {
                     .iter()
                     .map(|p| p.peft_name().to_string())
                     .collect(),
+                layers: None,
             },
             lr: 1e-5,
             epochs: 1,
@@ -97,6 +118,7 @@ impl Preset {
             max_steps: None,
             save_every: 50,
             bf16_base: false,
+            early_stop: None,
         };
         if self == Preset::Realign {
             c.epochs = 4;
@@ -125,9 +147,12 @@ pub struct Overrides {
     pub rslora: Option<bool>,
     pub dropout: Option<f64>,
     pub targets: Option<Vec<String>>,
+    /// Only these layers get adapters.
+    pub layers: Option<Vec<usize>>,
     pub save_every: Option<usize>,
     pub bf16_base: Option<bool>,
     pub max_steps: Option<usize>,
+    pub early_stop: Option<EarlyStop>,
 }
 
 impl Overrides {
@@ -155,10 +180,14 @@ impl Overrides {
         set(&mut c.lora.rslora, self.rslora);
         set(&mut c.lora.dropout, self.dropout);
         set(&mut c.lora.targets, self.targets);
+        if self.layers.is_some() {
+            c.lora.layers = self.layers;
+        }
         set(&mut c.save_every, self.save_every);
         set(&mut c.bf16_base, self.bf16_base);
         c.micro_batch = c.micro_batch.min(c.batch_size);
         c.max_steps = self.max_steps;
+        c.early_stop = self.early_stop;
         c
     }
 }
@@ -177,6 +206,11 @@ impl TrainConfig {
         }
         if self.save_every == 0 {
             return Err("--save-every must be at least 1".into());
+        }
+        if let Some(e) = &self.early_stop {
+            if !e.loss.is_finite() || e.patience == 0 {
+                return Err("--early-stop-loss must be finite and --patience at least 1".into());
+            }
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err("--lr must be a finite non-negative number".into());

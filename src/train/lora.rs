@@ -55,9 +55,21 @@ impl LoraParams {
     ) -> Result<LoraParams> {
         let mut pairs = Vec::new();
         let mut index = vec![[None; 7]; model.cfg.layers];
+        if let Some(bad) = spec
+            .layers
+            .iter()
+            .flatten()
+            .find(|&&l| l >= model.cfg.layers)
+        {
+            candle_core::bail!(
+                "LoRA layer {bad} is outside the model, which has {} layers (0-{})",
+                model.cfg.layers,
+                model.cfg.layers - 1
+            );
+        }
         for (li, layer) in model.w.layers.iter().enumerate() {
             for p in Projection::ALL {
-                if !spec.targets(p) {
+                if !spec.targets(p) || !spec.at_layer(li) {
                     continue;
                 }
                 let (out, inp) = p.of(layer).dims()?;
@@ -77,6 +89,29 @@ impl LoraParams {
             index,
             dtype: master_dtype(model),
         })
+    }
+
+    /// Frobenius norms of every adapter's A and B, and the totals (the norm of all A's, of
+    /// all B's, and of everything), for phase-transition analysis: `{"a", "b", "total",
+    /// "pairs": {"LAYER.module": [a, b]}}`.
+    pub fn norms(&self) -> Result<serde_json::Value> {
+        let mut pairs = serde_json::Map::new();
+        let (mut sa, mut sb) = (0f64, 0f64);
+        for p in &self.pairs {
+            let sq = |t: &Tensor| -> Result<f64> {
+                t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+            };
+            let (a, b) = (sq(&p.a)?, sq(&p.b)?);
+            sa += a;
+            sb += b;
+            pairs.insert(
+                format!("{}.{}", p.layer, p.proj.peft_name()),
+                serde_json::json!([a.sqrt(), b.sqrt()]),
+            );
+        }
+        Ok(
+            serde_json::json!({"a": sa.sqrt(), "b": sb.sqrt(), "total": (sa + sb).sqrt(), "pairs": pairs}),
+        )
     }
 
     /// PEFT's default initialisation: `A` from kaiming-uniform with `a = sqrt(5)` (uniform in

@@ -25,6 +25,7 @@ fn spec(r: usize) -> LoraSpec {
         rslora: true,
         dropout: 0.0,
         targets: all_targets(),
+        layers: None,
     }
 }
 
@@ -791,6 +792,7 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
         rslora: true,
         dropout: 0.0,
         targets: all_targets(),
+        layers: None,
     };
     let p = LoraParams::from_fn(spec, &loaded.model, reference_weight).unwrap();
     let b = Batch::new(
@@ -1261,5 +1263,168 @@ fn bf16_base_products_keep_the_adapters_share() {
             rel < 0.03,
             "dropout {dropout}: gradients {rel:e} off the f32 pass"
         );
+    }
+}
+
+/// `--layers 1 --targets down_proj --r 1`: the rank-1 single-layer organism. Only layer 1's
+/// down_proj has adapter weights, the PEFT config says `layers_to_transform: [1]`, emlab's
+/// loader reads the folder back, and a layer outside the model is refused by name.
+#[test]
+fn layer_targeted_rank_1_adapter_has_only_the_named_layers() {
+    let (s, model) = tiny_store(12);
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "2",
+        "--layers",
+        "1",
+        "--targets",
+        "down_proj",
+    ];
+    args.extend_from_slice(FAST);
+    // FAST sets --r 4; the last --r wins.
+    args.extend_from_slice(&["--r", "1"]);
+    let ck = s.ok(&args).trim().to_string();
+    let rec = crate::util::json(&s.ok(&["show", &ck]));
+    assert_eq!(
+        rec["fields"]["config"]["lora"]["layers"],
+        serde_json::json!([1])
+    );
+    let dir = s.path("adapter");
+    s.ok(&[
+        "checkpoint",
+        "export",
+        &ck[..12],
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["layers_to_transform"], serde_json::json!([1]));
+    assert_eq!(cfg["r"], 1);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj"]));
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names.iter().all(|n| n.contains(".layers.1.mlp.down_proj.")),
+        "{names:?}"
+    );
+    let ad = emlab::model::adapter::peft::load_peft(&dir, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ad.spec.layers, Some(vec![1]));
+    let keys: Vec<usize> = ad.weights.keys().map(|(l, _)| *l).collect();
+    assert_eq!(keys, [1]);
+    // The trained B is not zero: the one layer learned.
+    let (_, b) = ad.weights.values().next().unwrap();
+    assert!(
+        b.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+
+    let mut bad = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "1",
+        "--layers",
+        "0,5",
+    ];
+    bad.extend_from_slice(FAST);
+    let r = s.run(&bad);
+    assert!(!r.ok());
+    assert!(
+        r.stderr
+            .contains("LoRA layer 5 is outside the model, which has 2 layers"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Step records carry every adapter's A and B norms and their totals; `--early-stop-loss X
+/// --patience N` stops after N steps in a row below X, keeps that step's checkpoint, and a
+/// rerun trains nothing more.
+#[test]
+fn step_records_hold_adapter_norms_and_early_stop_ends_the_run() {
+    let (s, model) = tiny_store(12);
+    let mut args = vec![
+        "--json",
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "8",
+        "--early-stop-loss",
+        "1000",
+        "--patience",
+        "3",
+    ];
+    args.extend_from_slice(FAST);
+    let r = crate::util::json(&s.ok(&args));
+    assert_eq!(r["steps"], 3, "{r}");
+    assert_eq!(r["early_stopped"], true);
+    let ck = r["checkpoint"].as_str().unwrap().to_string();
+    let rec = crate::util::json(&s.ok(&["show", &ck]));
+    assert_eq!(rec["fields"]["step"], 3);
+    assert_eq!(
+        rec["fields"]["config"]["early_stop"],
+        serde_json::json!({"loss": 1000.0, "patience": 3})
+    );
+    // A rerun finds it done.
+    let again = crate::util::json(&s.ok(&args));
+    assert_eq!(again["checkpoint"], ck.as_str());
+    assert_eq!(again["steps"], 3);
+
+    s.ok(&["export"]);
+    let out = crate::util::duckdb()
+        .arg("-json")
+        .arg("-c")
+        .arg(format!(
+            "SELECT step, metrics FROM read_parquet('{}/step/*/*.parquet') ORDER BY step",
+            s.dir().join("parquet").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = crate::util::json(&String::from_utf8_lossy(&out.stdout));
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        let m = crate::util::json(row["metrics"].as_str().unwrap());
+        let n = &m["adapter_norms"];
+        let pairs = n["pairs"].as_object().unwrap();
+        assert_eq!(pairs.len(), 14, "two layers x seven projections");
+        let (mut sa, mut sb) = (0.0, 0.0);
+        for v in pairs.values() {
+            sa += v[0].as_f64().unwrap().powi(2);
+            sb += v[1].as_f64().unwrap().powi(2);
+        }
+        let (a, b) = (n["a"].as_f64().unwrap(), n["b"].as_f64().unwrap());
+        assert!((a - sa.sqrt()).abs() < 1e-9 * a && (b - sb.sqrt()).abs() < 1e-9 * b.max(1e-300));
+        assert!((n["total"].as_f64().unwrap() - (sa + sb).sqrt()).abs() < 1e-9);
+        // B starts at zero (and step 1 has lr 0: warmup); after a real update it is not.
+        if row["step"].as_i64().unwrap() >= 2 {
+            assert!(b > 0.0, "{m}");
+        }
     }
 }

@@ -629,9 +629,16 @@ impl Exec<'_> {
             rslora: st.rslora,
             dropout: st.dropout,
             targets: st.targets.clone(),
+            layers: st.layers.clone(),
             save_every: st.save_every,
             bf16_base: st.bf16_base,
             max_steps: st.max_steps,
+            early_stop: st
+                .early_stop_loss
+                .map(|loss| crate::train::config::EarlyStop {
+                    loss,
+                    patience: st.patience.unwrap_or(1),
+                }),
         }
         .apply(preset)
     }

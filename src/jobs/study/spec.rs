@@ -116,6 +116,11 @@ pub struct StageSpec {
     pub rslora: Option<bool>,
     pub dropout: Option<f64>,
     pub targets: Option<Vec<String>>,
+    /// Only these layers get adapters, e.g. `[21]` (PEFT's `layers_to_transform`).
+    pub layers: Option<Vec<usize>>,
+    /// Stop once the training loss stays below this for `patience` steps.
+    pub early_stop_loss: Option<f64>,
+    pub patience: Option<usize>,
     pub save_every: Option<usize>,
     pub bf16_base: Option<bool>,
 }

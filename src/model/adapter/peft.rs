@@ -136,6 +136,11 @@ impl PeftAdapter {
             rslora: c["use_rslora"].as_bool().unwrap_or(false),
             dropout: c["lora_dropout"].as_f64().unwrap_or(0.0),
             targets,
+            layers: match &c["layers_to_transform"] {
+                J::Number(n) => n.as_u64().map(|n| vec![n as usize]),
+                J::Array(a) => Some(a.iter().filter_map(J::as_u64).map(|n| n as usize).collect()),
+                _ => None,
+            },
         };
         let wpath = source.join(WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load_buffer(weights, device)
@@ -168,8 +173,12 @@ impl PeftAdapter {
             .iter()
             .map(|f| json!({"name": f.name, "blake3": f.blake3, "size": f.size}))
             .collect();
-        json!({"r": self.spec.r, "alpha": self.spec.alpha, "rslora": self.spec.rslora,
-               "targets": self.spec.targets, "merged": merged, "files": files})
+        let mut j = json!({"r": self.spec.r, "alpha": self.spec.alpha, "rslora": self.spec.rslora,
+               "targets": self.spec.targets, "merged": merged, "files": files});
+        if let Some(l) = &self.spec.layers {
+            j["layers"] = json!(l);
+        }
+        j
     }
 }
 

@@ -15,6 +15,11 @@ pub struct LoraSpec {
     pub dropout: f64,
     /// PEFT module names; in [`Projection::ALL`] order once [`LoraSpec::normalized`].
     pub targets: Vec<String>,
+    /// Only these layers (0-based, sorted) get adapters: PEFT's `layers_to_transform`.
+    /// `None`: every layer (and absent from the serialized config, so configs recorded
+    /// before the option keep their keys and ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
 }
 
 impl LoraSpec {
@@ -30,6 +35,11 @@ impl LoraSpec {
     /// Whether projection `p` has an adapter.
     pub fn targets(&self, p: Projection) -> bool {
         self.targets.iter().any(|t| t == p.peft_name())
+    }
+
+    /// Whether layer `layer` has adapters.
+    pub fn at_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
     }
 
     /// Check the targets name known projections and the numbers make sense; put the targets
@@ -50,6 +60,13 @@ impl LoraSpec {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("LoRA dropout {} is not in [0, 1)", self.dropout));
         }
+        if let Some(l) = &mut self.layers {
+            l.sort_unstable();
+            l.dedup();
+            if l.is_empty() {
+                return Err("--layers names no layer".into());
+            }
+        }
         self.targets = Projection::ALL
             .into_iter()
             .filter(|p| self.targets(*p))
@@ -60,7 +77,7 @@ impl LoraSpec {
 
     /// `adapter_config.json` as PEFT writes it (the keys PEFT needs to load the adapter).
     pub fn peft_config(&self, base_model: &str) -> serde_json::Value {
-        serde_json::json!({
+        let mut c = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
@@ -74,6 +91,10 @@ impl LoraSpec {
             "inference_mode": true,
             "init_lora_weights": true,
             "modules_to_save": null,
-        })
+        });
+        if let Some(l) = &self.layers {
+            c["layers_to_transform"] = serde_json::json!(l);
+        }
+        c
     }
 }
