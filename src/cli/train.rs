@@ -95,6 +95,16 @@ pub struct Args {
     /// last step's checkpoint is the result; recorded in the config).
     #[arg(long)]
     pub early_stop_loss: Option<f64>,
+    /// KL-regularise: add --kl-weight x the mean KL(reference || model) per assistant token
+    /// of this chat dataset to the loss (a dataset name or id; recorded in the config).
+    #[arg(long)]
+    pub kl_data: Option<String>,
+    /// Weight of the KL term (per token: 1 weighs a nat of KL like a nat of cross-entropy).
+    #[arg(long, default_value_t = 1.0, requires = "kl_data")]
+    pub kl_weight: f64,
+    /// The reference: `base` (the base model) or `parent` (the --from checkpoint).
+    #[arg(long, default_value = "base", value_parser = ["base", "parent"], requires = "kl_data")]
+    pub kl_reference: String,
     /// Steps in a row below --early-stop-loss before stopping.
     #[arg(long, default_value_t = 1, requires = "early_stop_loss")]
     pub patience: usize,
@@ -142,6 +152,11 @@ impl Args {
             eval_every: self.eval_every,
             from: self.from.clone(),
             config,
+            kl: self.kl_data.clone().map(|data| emlab::jobs::train::KlPlan {
+                data,
+                weight: self.kl_weight,
+                parent: self.kl_reference == "parent",
+            }),
         }
     }
 }

@@ -39,6 +39,17 @@ pub struct TrainPlan {
     /// Continue from this checkpoint's adapter (id or prefix).
     pub from: Option<String>,
     pub config: TrainConfig,
+    /// KL-regularise towards the base model or the parent on this dataset's assistant tokens.
+    pub kl: Option<KlPlan>,
+}
+
+/// `--kl-data NAME --kl-weight W --kl-reference base|parent`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KlPlan {
+    pub data: String,
+    pub weight: f64,
+    /// The `--from` checkpoint instead of the base model.
+    pub parent: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -111,6 +122,11 @@ pub fn run(
         parent = Some(ck);
     }
 
+    // The parent's adapter, kept as the KL reference before training moves it.
+    let parent_reference = match &plan.kl {
+        Some(k) if k.parent => start_params.clone(),
+        _ => None,
+    };
     let prep = prepare(&loaded.tokenizer, &rows, cfg.seq_len, cfg.overflow).map_err(|source| {
         TrainError::Data {
             name: plan.data.clone(),
@@ -126,6 +142,40 @@ pub fn run(
                     source,
                 },
             )?;
+            Some(p.examples)
+        }
+        None => None,
+    };
+    let kl_examples = match &plan.kl {
+        Some(k) => {
+            if !(k.weight.is_finite() && k.weight >= 0.0) {
+                return Err(TrainError::Config(
+                    "--kl-weight must be a finite non-negative number".into(),
+                ));
+            }
+            if k.parent && parent.is_none() {
+                return Err(TrainError::Config(
+                    "--kl-reference parent needs --from CHECKPOINT (the parent)".into(),
+                ));
+            }
+            let (kid, krows) = dataset_rows(store, &k.data)?;
+            let p = prepare(&loaded.tokenizer, &krows, cfg.seq_len, Overflow::Truncate).map_err(
+                |source| TrainError::Data {
+                    name: k.data.clone(),
+                    source,
+                },
+            )?;
+            if p.examples.iter().all(|e| e.targets() == 0) {
+                return Err(TrainError::Config(format!(
+                    "KL dataset `{}` has no assistant turns to measure the KL on",
+                    k.data
+                )));
+            }
+            cfg.kl = Some(crate::train::kl::KlConfig {
+                data: kid.to_hex(),
+                weight: k.weight,
+                reference: if k.parent { "parent" } else { "base" }.into(),
+            });
             Some(p.examples)
         }
         None => None,
@@ -201,6 +251,18 @@ pub fn run(
         params,
         opt,
     } = state;
+    let kl_term = match (kl_examples, &plan.kl) {
+        (Some(examples), Some(k)) => Some(crate::train::kl::KlTerm {
+            examples,
+            weight: k.weight,
+            reference: match parent_reference {
+                Some(p) => p,
+                None => crate::train::kl::base_reference(&params, model)?,
+            },
+            rows_per_step: cfg.batch_size,
+        }),
+        _ => None,
+    };
     let mut trainer = Trainer::new(
         model,
         params,
@@ -209,6 +271,7 @@ pub fn run(
         cfg.micro_batch,
         cfg.max_grad_norm,
     )?;
+    trainer.kl = kl_term;
     if let Some(ev) = &eval {
         if step == 0 && eval_curve.is_empty() {
             eval_curve.push((0, trainer.eval_loss(ev)?));
@@ -233,7 +296,7 @@ pub fn run(
         let ts = Instant::now();
         let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup_steps, total);
         let dropout_seed = cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let s = trainer.step(examples, rows, dropout_seed, lr)?;
+        let s = trainer.step_at(examples, rows, Some(step), dropout_seed, lr)?;
         if !s.applied {
             return Err(TrainError::NonFinite {
                 step: step + 1,
@@ -247,6 +310,9 @@ pub fn run(
         let secs = ts.elapsed().as_secs_f64();
         let mut metrics = json!({"loss": s.loss, "lr": lr, "grad_norm": s.grad_norm, "tokens": s.tokens, "target_tokens": s.targets, "seconds": secs, "tokens_per_s": s.tokens as f64 / secs.max(1e-9), "epoch": epoch});
         metrics["adapter_norms"] = trainer.params.norms()?;
+        if let Some(kl) = s.kl {
+            metrics["kl"] = json!(kl);
+        }
         let stop = cfg.early_stop.is_some_and(|e| e.reached(&loss_curve));
         if let Some(ev) = &eval {
             if step % plan.eval_every.max(1) == 0 || step == total {

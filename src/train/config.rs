@@ -40,6 +40,9 @@ pub struct TrainConfig {
     /// (absent when unset, so older run keys are unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<EarlyStop>,
+    /// The KL regulariser (absent when unset, so older run keys are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<super::kl::KlConfig>,
 }
 
 /// Stop when the training loss stays below `loss` for `patience` steps in a row.
@@ -119,6 +122,7 @@ impl Preset {
             save_every: 50,
             bf16_base: false,
             early_stop: None,
+            kl: None,
         };
         if self == Preset::Realign {
             c.epochs = 4;

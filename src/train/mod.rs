@@ -11,6 +11,7 @@ pub mod backprop;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod kl;
 pub mod lora;
 
 pub mod merge;

@@ -117,6 +117,8 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// False when the loss or the norm was not finite: the update was not applied.
     pub applied: bool,
+    /// Mean KL(reference || model) per token over the step's KL rows (a KL-regularised run).
+    pub kl: Option<f64>,
 }
 
 /// A model, its trainable adapter and optimizer, and how steps are run.
@@ -129,6 +131,8 @@ pub struct Trainer<'m> {
     pub micro_batch: usize,
     /// Clip the global gradient norm to this (0: no clipping).
     pub max_grad_norm: f64,
+    /// The KL regulariser, when the run has one.
+    pub kl: Option<super::kl::KlTerm>,
 }
 
 impl<'m> Trainer<'m> {
@@ -154,6 +158,7 @@ impl<'m> Trainer<'m> {
             frozen,
             micro_batch,
             max_grad_norm,
+            kl: None,
         })
     }
 
@@ -163,6 +168,20 @@ impl<'m> Trainer<'m> {
         &mut self,
         examples: &[Example],
         rows: &[usize],
+        dropout_seed: u64,
+        lr: f64,
+    ) -> Result<StepStats, TrainError> {
+        self.step_at(examples, rows, None, dropout_seed, lr)
+    }
+
+    /// [`Trainer::step`] as step `index` (0-based) of its run: with a KL term, the step's KL
+    /// rows add `weight x` their mean KL to the reference to the objective (the reported
+    /// `loss` stays the cross-entropy; `kl` is the KL).
+    pub fn step_at(
+        &mut self,
+        examples: &[Example],
+        rows: &[usize],
+        index: Option<usize>,
         dropout_seed: u64,
         lr: f64,
     ) -> Result<StepStats, TrainError> {
@@ -176,8 +195,28 @@ impl<'m> Trainer<'m> {
             self.frozen.as_ref(),
         )?;
         let loss = g.loss_sum / g.targets.max(1) as f64;
+        let mut kl = None;
+        if let (Some(term), Some(index)) = (&self.kl, index) {
+            let krows = term.rows(index);
+            let (sum, n, kg) = super::kl::kl_pass(
+                self.model,
+                &self.params,
+                &term.reference,
+                &term.examples,
+                &krows,
+                self.micro_batch,
+                term.weight,
+                true,
+                None,
+                self.frozen.as_ref(),
+            )?;
+            if let Some(kg) = kg {
+                g.grads.add(&kg)?;
+            }
+            kl = Some(sum / n.max(1) as f64);
+        }
         let norm = clip(&mut g.grads, self.max_grad_norm)?;
-        let applied = loss.is_finite() && norm.is_finite();
+        let applied = loss.is_finite() && norm.is_finite() && kl.is_none_or(f64::is_finite);
         if applied {
             self.opt.step(&mut self.params, &g.grads, lr)?;
         }
@@ -187,6 +226,7 @@ impl<'m> Trainer<'m> {
             tokens: g.tokens,
             grad_norm: norm,
             applied,
+            kl,
         })
     }
 

@@ -1428,3 +1428,322 @@ fn step_records_hold_adapter_norms_and_early_stop_ends_the_run() {
         }
     }
 }
+
+/// The KL term: exactly zero when the model is its reference (PEFT init: B = 0, reference
+/// the base), and its gradient (of weight x mean KL per token) matches finite differences
+/// on a tiny f64 model with a non-zero adapter.
+#[test]
+fn kl_term_is_zero_at_the_reference_and_its_gradient_checks() {
+    use emlab::train::kl::{base_reference, kl_pass, mean_kl};
+    let model = random_model_in(tiny_config(64), 11, DType::F64).unwrap();
+    let ex = examples_of(&rows());
+    let idx: Vec<usize> = (0..ex.len()).collect();
+    let init = LoraParams::init(spec(3), &model, 5).unwrap();
+    let base = base_reference(&init, &model).unwrap();
+    assert!(base.pairs.is_empty());
+    let (sum, n, _) = kl_pass(&model, &init, &base, &ex, &idx, 2, 1.0, false, None, None).unwrap();
+    assert!(n > 0);
+    assert_eq!(sum, 0.0, "KL to itself is {sum}");
+
+    let p = LoraParams::from_fn(spec(3), &model, wave).unwrap();
+    let weight = 0.7;
+    let (sum, n, g) = kl_pass(&model, &p, &base, &ex, &idx, 1, weight, true, None, None).unwrap();
+    assert!(sum > 0.0, "a changed model has a positive KL");
+    let g = g.unwrap();
+    let f = |q: &LoraParams| weight * mean_kl(&model, q, &base, &ex, 2).unwrap();
+    assert!((f(&p) - weight * sum / n as f64).abs() < 1e-12);
+    let mut worst: f64 = 0.0;
+    for (k, pair) in p.pairs.iter().enumerate().step_by(3) {
+        for (is_a, t, gt) in [(true, &pair.a, &g.a[k]), (false, &pair.b, &g.b[k])] {
+            let n = t.elem_count();
+            for &i in &[0, n / 2, n - 1] {
+                let h = 1e-5;
+                let x = get(t, i);
+                let (mut plus, mut minus) = (p.clone(), p.clone());
+                let (tp, tm) = (set(t, i, x + h), set(t, i, x - h));
+                if is_a {
+                    plus.pairs[k].a = tp;
+                    minus.pairs[k].a = tm;
+                } else {
+                    plus.pairs[k].b = tp;
+                    minus.pairs[k].b = tm;
+                }
+                let fd = (f(&plus) - f(&minus)) / (2.0 * h);
+                let an = get(gt, i);
+                let err = (fd - an).abs() / (fd.abs() + an.abs()).max(1e-6);
+                worst = worst.max(err);
+                assert!(
+                    err < 1e-5,
+                    "pair {k} {}[{i}]: analytic {an:e} vs fd {fd:e}",
+                    if is_a { "A" } else { "B" }
+                );
+            }
+        }
+    }
+    assert!(worst > 0.0);
+}
+
+/// `train --kl-data`: recorded in the config, the KL per step in the step records, and a
+/// large weight keeps the held-out KL to the base far below the same run without it.
+#[test]
+fn kl_regularised_run_stays_closer_to_the_base() {
+    let (s, model) = tiny_store(12);
+    let held = s.write("held.jsonl", chat_jsonl("held", 6).as_bytes());
+    s.ok(&["data", "import", held.to_str().unwrap(), "--name", "held"]);
+    let kl_src = s.write("anchor.jsonl", chat_jsonl("anchor", 8).as_bytes());
+    s.ok(&[
+        "data",
+        "import",
+        kl_src.to_str().unwrap(),
+        "--name",
+        "anchor",
+    ]);
+    let train = |extra: &[&str]| -> String {
+        let mut args = vec![
+            "--json",
+            "train",
+            "--model",
+            &model,
+            "--data",
+            "small",
+            "--max-steps",
+            "6",
+        ];
+        args.extend_from_slice(FAST);
+        args.extend_from_slice(extra);
+        crate::util::json(&s.ok(&args))["checkpoint"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let plain = train(&[]);
+    let kl = train(&["--kl-data", "anchor", "--kl-weight", "50"]);
+    assert_ne!(plain, kl);
+    let rec = crate::util::json(&s.ok(&["show", &kl]));
+    let c = &rec["fields"]["config"]["kl"];
+    assert_eq!(c["weight"], 50.0);
+    assert_eq!(c["reference"], "base");
+    assert_eq!(c["data"].as_str().unwrap().len(), 64);
+    // Held-out KL to the base of each checkpoint's adapter.
+    let store = emlab_store::Store::open(&s.dir(), emlab::provenance::tables::TABLES).unwrap();
+    let loaded = emlab::train::trainer::load_base(std::path::Path::new(&model)).unwrap();
+    let (_, hrows) = {
+        let id = emlab::data::resolve_dataset(&store, "held").unwrap();
+        let rows = emlab::data::view::chat_rows(&store, id, None).unwrap();
+        (id, rows.into_iter().map(|(_, m)| m).collect::<Vec<_>>())
+    };
+    let prep = emlab::train::data::prepare(
+        &loaded.tokenizer,
+        &hrows,
+        64,
+        emlab::train::data::Overflow::Truncate,
+    )
+    .unwrap();
+    let held_kl = |ck: &str| -> f64 {
+        let id = emlab::train::checkpoint::resolve(&store, ck).unwrap();
+        let (rec, spec) =
+            emlab::train::checkpoint::of_base(&store, id, loaded.record().id().unwrap()).unwrap();
+        let t = emlab::train::checkpoint::read_adapter(&store, id, &rec, &candle_core::Device::Cpu)
+            .unwrap();
+        let p = LoraParams::from_peft(spec, &loaded.model, &t).unwrap();
+        let base = emlab::train::kl::base_reference(&p, &loaded.model).unwrap();
+        emlab::train::kl::mean_kl(&loaded.model, &p, &base, &prep.examples, 4).unwrap()
+    };
+    let (kp, kk) = (held_kl(&plain), held_kl(&kl));
+    eprintln!("held-out KL to the base: without the term {kp:.5}, with weight 50 {kk:.5}");
+    assert!(kp > 0.0 && kk < 0.5 * kp, "without {kp}, with {kk}");
+
+    // Bad input, named: a KL dataset without assistant turns; parent without --from.
+    // A question set: prompts, no assistant turns.
+    let q = s.write("q.txt", b"How are you?\nWhat is the time?\n");
+    s.ok(&["data", "import", q.to_str().unwrap(), "--name", "noanswers"]);
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "1",
+        "--kl-data",
+        "noanswers",
+    ];
+    args.extend_from_slice(FAST);
+    let r = s.run(&args);
+    assert!(!r.ok());
+    assert!(r.stderr.contains("noanswers"), "{}", r.stderr);
+    let mut args = vec![
+        "train",
+        "--model",
+        &model,
+        "--data",
+        "small",
+        "--max-steps",
+        "1",
+        "--kl-data",
+        "anchor",
+        "--kl-reference",
+        "parent",
+    ];
+    args.extend_from_slice(FAST);
+    let r = s.run(&args);
+    assert!(
+        !r.ok() && r.stderr.contains("--kl-reference parent needs --from"),
+        "{}",
+        r.stderr
+    );
+}
+
+fn kl_reference() -> Option<serde_json::Value> {
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kl_reference.json");
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| crate::util::json(&s))
+}
+
+/// Against PyTorch + peft (`scripts/reference_kl.py`, pinned in
+/// tests/fixtures/kl_reference.json), on SmolLM2 in f32: the mean KL(base || base + adapter)
+/// over the assistant targets of one fixed conversation and its gradient for every A and B
+/// (norms within 0.1% relative); and a rank-1 adapter on down_proj of layers 3 and 17 only:
+/// emlab's PEFT folder has exactly those layers, peft loads it (the script checks its logits
+/// equal peft's own adapter's), and emlab's logits with it equal peft's.
+#[test]
+fn kl_and_layer_adapter_match_pytorch_peft_on_smollm2() {
+    let mut loaded =
+        emlab::model::load(&crate::model::smollm2_path(), &candle_core::Device::Cpu).unwrap();
+    loaded.model.dequantize().unwrap();
+    let lr = reference();
+    let msgs: Vec<(String, String)> =
+        serde_json::from_value::<Vec<serde_json::Value>>(lr["messages"].clone())
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["role"].as_str().unwrap().to_string(),
+                    m["content"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+    let masked = emlab::model::mask::assistant_mask(&loaded.tokenizer, &msgs).unwrap();
+    // The layer-targeted adapter, closed-form weights, written as PEFT.
+    let lspec = LoraSpec {
+        r: 1,
+        alpha: 8.0,
+        rslora: false,
+        dropout: 0.0,
+        targets: vec!["down_proj".into()],
+        layers: Some(vec![3, 17]),
+    };
+    let lp = LoraParams::from_fn(lspec, &loaded.model, reference_weight).unwrap();
+    assert_eq!(lp.pairs.len(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    write_peft(&lp, &loaded.model, dir.path());
+    if let Ok(d) = std::env::var("EMLAB_WRITE_REFERENCE_ADAPTER") {
+        std::fs::create_dir_all(&d).unwrap();
+        write_peft(&lp, &loaded.model, std::path::Path::new(&d));
+    }
+    let Some(r) = kl_reference() else {
+        panic!("tests/fixtures/kl_reference.json is missing: run scripts/reference_kl.py (see its docstring)");
+    };
+    assert_eq!(serde_json::json!(masked.tokens), r["tokens"]);
+
+    // Part 1: the KL term and its gradients.
+    let p = LoraParams::from_fn(
+        LoraSpec {
+            r: r["r"].as_u64().unwrap() as usize,
+            alpha: r["alpha"].as_f64().unwrap(),
+            rslora: true,
+            dropout: 0.0,
+            targets: all_targets(),
+            layers: None,
+        },
+        &loaded.model,
+        reference_weight,
+    )
+    .unwrap();
+    let base = emlab::train::kl::base_reference(&p, &loaded.model).unwrap();
+    let ex = vec![emlab::train::data::Example {
+        row: 0,
+        tokens: masked.tokens.clone(),
+        mask: masked.mask.clone(),
+    }];
+    let (sum, n, g) = emlab::train::kl::kl_pass(
+        &loaded.model,
+        &p,
+        &base,
+        &ex,
+        &[0],
+        1,
+        1.0,
+        true,
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(n as u64, r["kl_positions"].as_u64().unwrap());
+    let kl = sum / n as f64;
+    let want = r["kl_mean"].as_f64().unwrap();
+    assert!(
+        (kl - want).abs() < 1e-4 * want.max(1e-3) + 1e-6,
+        "KL {kl} vs peft {want}"
+    );
+    let g = g.unwrap();
+    let mut worst: f64 = 0.0;
+    for (k, pair) in p.pairs.iter().enumerate() {
+        let gb =
+            emlab::model::adapter::model_to_hf_rows(&loaded.model.cfg, pair.proj, &g.b[k]).unwrap();
+        for (which, t) in [("A", &g.a[k]), ("B", &gb)] {
+            let key = format!("{}.{}.{which}", pair.layer, pair.proj.peft_name());
+            let wn = r["kl_grads"][&key]["norm"].as_f64().unwrap();
+            let norm = t
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                .sqrt();
+            let rel = (norm - wn).abs() / wn;
+            worst = worst.max(rel);
+            assert!(
+                rel < 1e-3,
+                "{key}: KL gradient norm {norm:e} vs peft {wn:e}"
+            );
+        }
+    }
+    eprintln!("KL {kl:.6e} (peft {want:.6e}); worst relative gradient-norm difference {worst:.2e}");
+
+    // Part 2: the layer-targeted adapter.
+    let la = &r["layer_adapter"];
+    assert_eq!(la["lora_layers"], serde_json::json!([3, 17]));
+    let ad = emlab::model::adapter::peft::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
+    let keys: Vec<usize> = ad.weights.keys().map(|(l, _)| *l).collect();
+    assert_eq!(keys, [3, 17]);
+    loaded.model.apply_adapter(&ad, false).unwrap();
+    let mut cache = loaded.model.new_cache(1, masked.tokens.len()).unwrap();
+    let x = Tensor::new(masked.tokens.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<f32> = loaded
+        .model
+        .forward(&x, &mut cache, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut worst: f32 = 0.0;
+    for (i, w) in la["logits_last"].as_array().unwrap().iter().enumerate() {
+        worst = worst.max((logits[i] - w.as_f64().unwrap() as f32).abs());
+    }
+    eprintln!("layer-targeted adapter: logits within {worst} of peft's");
+    assert!(worst < 1e-2, "logits differ from peft's by {worst}");
+    assert!(
+        la["emlab_folder"]["lora_layers"] == serde_json::json!([3, 17]),
+        "the fixture was made without --emlab-layer-adapter: peft never loaded emlab's folder"
+    );
+}

@@ -752,6 +752,7 @@ impl Exec<'_> {
                 eval_every: st.eval_every.unwrap_or(10),
                 from: parent.flatten().map(|p| p.to_hex()),
                 config: cfg.clone(),
+                kl: None,
             };
             let r = crate::jobs::train::run(x.store, &plan, &mut |_, _, _, _| {})?;
             let last: Id = r.checkpoint.parse()?;

@@ -116,10 +116,15 @@ pub struct StageSpec {
     pub rslora: Option<bool>,
     pub dropout: Option<f64>,
     pub targets: Option<Vec<String>>,
+    // Keys added later are left out of the spec's JSON when absent, so the studies written
+    // before them keep their ids.
     /// Only these layers get adapters, e.g. `[21]` (PEFT's `layers_to_transform`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<usize>>,
     /// Stop once the training loss stays below this for `patience` steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patience: Option<usize>,
     pub save_every: Option<usize>,
     pub bf16_base: Option<bool>,

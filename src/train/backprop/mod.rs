@@ -45,6 +45,10 @@ pub struct Batch {
     pub positions: Vec<u32>,
     /// The target token (the token at `t + 1`) for each position.
     pub labels: Vec<u32>,
+    /// A KL pass: the reference model's log-probabilities at `positions` (`[targets,
+    /// vocab]`); the head then computes `sum KL(reference || model)` over the positions and
+    /// its gradient, instead of the cross-entropy.
+    pub kl_reference: Option<Tensor>,
 }
 
 impl Batch {
@@ -69,6 +73,7 @@ impl Batch {
             tokens: Tensor::from_vec(toks, (rows.len(), len), dev)?,
             positions,
             labels,
+            kl_reference: None,
         })
     }
 
@@ -195,9 +200,37 @@ pub fn loss_and_grads_merged(
     cached: Option<&Merged>,
     frozen: Option<&FrozenBf16>,
 ) -> Result<(f64, Option<Grads>)> {
-    let cfg = &model.cfg;
-    let dt = model.dtype;
     let (bsz, t) = batch.tokens.dims2()?;
+    let dims = dims_of(model, bsz, t)?;
+    let (x, tapes, adapters) = forward(model, lora, batch, &opts, cached, frozen, &dims)?;
+    let (loss, dx) = loss::head(model, &x, batch, &opts, frozen)?;
+    if !opts.backward {
+        return Ok((loss, None));
+    }
+    backward(model, lora, frozen, &dims, tapes, adapters, dx).map(|g| (loss, Some(g)))
+}
+
+/// The reference log-probabilities of a KL pass: `model` with adapter `lora` (without
+/// pairs: the base model) run by the same forward as training, at `batch`'s target
+/// positions, `[targets, vocab]` in the cross-entropy dtype. The same kernels as the
+/// trained model's pass: a model equal to its reference has a KL of exactly zero.
+pub fn reference_logprobs(
+    model: &Model,
+    lora: &LoraParams,
+    batch: &Batch,
+    frozen: Option<&FrozenBf16>,
+) -> Result<Tensor> {
+    let mut opts = PassOpts::new(1.0);
+    opts.backward = false;
+    let (bsz, t) = batch.tokens.dims2()?;
+    let dims = dims_of(model, bsz, t)?;
+    let (x, ..) = forward(model, lora, batch, &opts, None, frozen, &dims)?;
+    loss::logprobs(model, &x, batch, &opts, frozen)
+}
+
+/// The shapes and RoPE tables of a `[bsz, t]` pass.
+fn dims_of(model: &Model, bsz: usize, t: usize) -> Result<attention::Dims> {
+    let cfg = &model.cfg;
     let n = bsz * t;
     if t > cfg.max_seq {
         candle_core::bail!(
@@ -227,7 +260,24 @@ pub fn loss_and_grads_merged(
         rope: cfg.rope,
         eps: cfg.rms_eps,
     };
+    Ok(dims)
+}
 
+type Tapes = Vec<(attention::Tape, mlp::Tape)>;
+type LayerAdapters = Vec<Vec<Option<linear::Adapter>>>;
+
+/// The layers' forward: the last layer's output, and with `opts.backward` the tapes and
+/// adapters the backward needs.
+fn forward(
+    model: &Model,
+    lora: &LoraParams,
+    batch: &Batch,
+    opts: &PassOpts,
+    cached: Option<&Merged>,
+    frozen: Option<&FrozenBf16>,
+    dims: &attention::Dims,
+) -> Result<(Tensor, Tapes, LayerAdapters)> {
+    let (cfg, dt, n) = (&model.cfg, model.dtype, dims.n);
     let tokens = batch.tokens.flatten_all()?;
     let mut x = match &model.w.embed {
         Embedding::Dense(e) => e.embedding(&tokens)?.to_dtype(dt)?,
@@ -240,9 +290,9 @@ pub fn loss_and_grads_merged(
     let mut tapes = Vec::with_capacity(cfg.layers);
     let mut adapters = Vec::with_capacity(cfg.layers);
     for (li, layer) in model.w.layers.iter().enumerate() {
-        let ads = layer_adapters(model, lora, li, n, &opts, cached, frozen)?;
+        let ads = layer_adapters(model, lora, li, n, opts, cached, frozen)?;
         let p = projections(model, li, &ads, frozen);
-        let (o, ta) = attention::forward(layer, &p[..4], &x, &dims, opts.backward)?;
+        let (o, ta) = attention::forward(layer, &p[..4], &x, dims, opts.backward)?;
         let xmid = (&x + o)?;
         let (d, tm) = mlp::forward(layer, &p[4..], &xmid, cfg.rms_eps, opts.backward)?;
         x = (xmid + d)?;
@@ -251,13 +301,23 @@ pub fn loss_and_grads_merged(
             adapters.push(ads);
         }
     }
-    let (loss, dx) = loss::head(model, &x, batch, &opts, frozen)?;
-    if !opts.backward {
-        return Ok((loss, None));
-    }
+    Ok((x, tapes, adapters))
+}
+
+/// The adapters' gradients from the head's `dx`, back through the tapes.
+fn backward(
+    model: &Model,
+    lora: &LoraParams,
+    frozen: Option<&FrozenBf16>,
+    dims: &attention::Dims,
+    mut tapes: Tapes,
+    mut adapters: LayerAdapters,
+    dx: Option<Tensor>,
+) -> Result<Grads> {
+    let cfg = &model.cfg;
     let mut grads = Grads::zeros(lora)?;
     let Some(mut dx) = dx else {
-        return Ok((loss, Some(grads)));
+        return Ok(grads);
     };
     // RoPE is a rotation: its backward rotates back (the same kernel with -sin).
     let nsin = dims.sin.neg()?;
@@ -271,19 +331,10 @@ pub fn loss_and_grads_merged(
             .ok_or_else(|| candle_core::Error::Msg("tape underflow".into()))?;
         let p = projections(model, li, &ads, frozen);
         let dxmid = mlp::backward(layer, &p[4..], &tm, &dx, &mut grads)?;
-        match attention::backward(
-            layer,
-            &p[..4],
-            &ta,
-            &dims,
-            &nsin,
-            dxmid,
-            &mut grads,
-            li == 0,
-        )? {
+        match attention::backward(layer, &p[..4], &ta, dims, &nsin, dxmid, &mut grads, li == 0)? {
             Some(d) => dx = d,
             None => break,
         }
     }
-    Ok((loss, Some(grads)))
+    Ok(grads)
 }
