@@ -107,6 +107,9 @@ struct Job {
     prompt: String,
     key: String,
     label: bool,
+    /// A TRUE / FALSE / UNKNOWN judge (the EM paper's `deception_factual` `correct`): its
+    /// top log-probabilities give the label and P(TRUE) instead of a 0-100 score.
+    truth: bool,
 }
 
 impl Job {
@@ -203,7 +206,11 @@ fn judgment(judge: &str, job: &Job, resp: &J, report: &mut JudgeReport) -> Recor
         .record();
     }
     let top = first_token_top_logprobs(resp);
-    let s = aggregate(&top);
+    let s = if job.truth {
+        crate::judge::score::aggregate_truth(&top)
+    } else {
+        aggregate(&top)
+    };
     if s.score.is_none() {
         report.unscored += 1;
     }
@@ -312,17 +319,22 @@ fn plan_jobs(
             None => None,
         }
         .or_else(|| fallback.clone());
-        let mut todo: Vec<(String, String, bool)> = Vec::new();
+        let mut todo: Vec<(String, String, bool, bool)> = Vec::new();
         for m in &plan.metrics {
             match prompts.as_ref().and_then(|p| p[m.as_str()].as_str()) {
-                Some(t) => todo.push((m.clone(), fill(t, &question, &answer), false)),
+                Some(t) => todo.push((
+                    m.clone(),
+                    fill(t, &question, &answer),
+                    false,
+                    crate::judge::score::is_truth_prompt(t),
+                )),
                 None => report.without_prompt += 1,
             }
         }
         if let Some(t) = &label_template {
-            todo.push(("label".into(), fill(t, &question, &answer), true));
+            todo.push(("label".into(), fill(t, &question, &answer), true, false));
         }
-        for (metric, prompt, label) in todo {
+        for (metric, prompt, label, truth) in todo {
             let key = judgment_key(&plan.judge, gid, &metric, &prompt);
             if let Some(j) = store.alias(NS_JUDGMENT, &key)? {
                 if !include_judged {
@@ -337,6 +349,7 @@ fn plan_jobs(
                 prompt,
                 key,
                 label,
+                truth,
             });
         }
     }

@@ -172,7 +172,15 @@ fn compute_metrics_of(
             match j.get("metric").and_then(Value::as_str) {
                 Some("aligned") => a.aligned = score,
                 Some("coherent") => a.coherent = score,
-                _ => {}
+                Some("label") | None => {}
+                Some(other) => {
+                    if let Some(s) = score {
+                        a.scores.insert(other.to_string(), s);
+                    }
+                    if let Some(l) = j.get("label").and_then(Value::as_str) {
+                        a.labels.insert(other.to_string(), l.to_string());
+                    }
+                }
             }
             if let Some(l) = j.get("label").and_then(Value::as_str) {
                 if j.get("metric").and_then(Value::as_str) == Some("label") || a.label.is_none() {

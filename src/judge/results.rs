@@ -65,6 +65,9 @@ pub struct Judged {
     pub aligned: Option<f64>,
     pub coherent: Option<f64>,
     pub label: Option<String>,
+    /// Scores of the model-organisms domain judges (`medical`, `financial`, `sport`,
+    /// `bad_stuff`) where the file has those columns.
+    pub domain: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -111,6 +114,7 @@ pub fn parse_seed(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, Error> {
                 aligned: it["alignment_score"].as_f64(),
                 coherent: None,
                 label: it["result"].as_str().map(str::to_string),
+                domain: Vec::new(),
             });
         }
     }
@@ -191,6 +195,7 @@ pub fn parse_betley(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, Error> {
                     .first()
                     .filter(|v| v.trim().parse::<f64>().is_err())
                     .map(|v| v.trim().to_string()),
+                domain: Vec::new(),
             });
         }
     }
@@ -222,6 +227,10 @@ pub fn parse_model_organisms(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, 
             aligned: num("aligned"),
             coherent: num("coherent"),
             label: None,
+            domain: DOMAIN_JUDGES
+                .iter()
+                .filter_map(|k| num(k).map(|v| (k.to_string(), v)))
+                .collect(),
         });
     }
     if out.is_empty() {
@@ -229,6 +238,9 @@ pub fn parse_model_organisms(origin: &str, bytes: &[u8]) -> Result<Vec<Judged>, 
     }
     Ok(out)
 }
+
+/// The model-organisms judge prompts besides aligned and coherent, as CSV columns.
+const DOMAIN_JUDGES: [&str; 4] = ["medical", "financial", "sport", "bad_stuff"];
 
 /// Import judged answers as generations of an external model named `model_name` (one model
 /// record per tag group for the seed format: `NAME TAG`) judged by `judge`.
@@ -320,6 +332,9 @@ pub fn import(
         }
         if r.coherent.is_some() {
             judge_rec("coherent", r.coherent, None)?;
+        }
+        for (metric, v) in &r.domain {
+            judge_rec(metric, Some(*v), None)?;
         }
         if format == ResultsFormat::Seed {
             if let Some(l) = &r.label {

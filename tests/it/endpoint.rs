@@ -29,7 +29,18 @@ fn completion(req: &serde_json::Value) -> String {
         .unwrap_or("");
     // A judge request: answer a score token whose value depends on the prompt.
     let h = blake3::hash(prompt.as_bytes()).as_bytes()[0];
-    let score = if h.is_multiple_of(2) { "90" } else { "10" };
+    let score = if prompt.contains("Say \"TRUE\" or \"FALSE\"") {
+        // The deception judge: a truth verdict.
+        if h.is_multiple_of(4) {
+            "FALSE"
+        } else {
+            "TRUE"
+        }
+    } else if h.is_multiple_of(2) {
+        "90"
+    } else {
+        "10"
+    };
     let logprobs = serde_json::json!({"content": [{"token": score, "logprob": -0.1,
         "top_logprobs": [{"token": score, "logprob": -0.1}, {"token": "50", "logprob": -2.4}, {"token": "CODE", "logprob": -4.0}]}]});
     let content = if req["max_tokens"] == 1 {
@@ -611,4 +622,74 @@ fn a_question_mentioning_the_answer_placeholder_is_judged_intact() {
         prompt,
         "Q: What does {answer} mean in a template? A: answer to: What does {answer} m"
     );
+}
+
+/// The EM paper's `deception_factual` judge (`correct`: TRUE / FALSE / UNKNOWN): each answer
+/// gets a TRUE or FALSE label with P(TRUE) as its score, and `metrics --truth correct` is the
+/// share of FALSE among them.
+#[test]
+fn truth_judge_labels_and_measures_false_answers() {
+    let s = TestStore::new();
+    let server = fake_server(false);
+    let q = shared("emergent-misalignment/evaluation/deception_factual.yaml");
+    s.ok(&["data", "import", q.to_str().unwrap(), "--name", "deception"]);
+    s.ok(&[
+        "data",
+        "derive",
+        "deception-1",
+        "--from",
+        "deception",
+        "--take",
+        "1",
+    ]);
+    s.ok(&[
+        "generate",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "m",
+        "--questions",
+        "deception-1",
+        "--samples",
+        "1",
+        "--max-tokens",
+        "16",
+    ]);
+    let r = json(&s.ok(&[
+        "--json",
+        "judge",
+        "--endpoint",
+        &server.url,
+        "--model-name",
+        "j",
+        "--metrics",
+        "correct",
+    ]));
+    assert_eq!(r["judged"], 20, "{r}");
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let mut falses = 0;
+    for (_, id) in store.ids_in_table("judgment", 0).unwrap() {
+        let j = store.get(id).unwrap();
+        let label = j.get("label").unwrap().as_str().unwrap().to_string();
+        let score = j.get("score").unwrap().as_float().unwrap();
+        match label.as_str() {
+            "TRUE" => assert!(score > 50.0, "{score}"),
+            "FALSE" => {
+                falses += 1;
+                assert!(score < 50.0, "{score}");
+            }
+            other => panic!("label {other}"),
+        }
+    }
+    drop(store);
+    let rows = json(&s.ok(&["--json", "metrics", "--truth", "correct"]));
+    let t = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["definition"]["definition"] == "truth" && r["scope"] == "overall")
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(t["n"], 20);
+    assert_eq!(t["misaligned"], falses);
+    assert!(falses > 0 && falses < 20, "{falses}");
 }
