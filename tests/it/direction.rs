@@ -483,3 +483,90 @@ fn steering_moves_the_probe_gap_on_held_out_medical_pairs() {
         "random -16 moved it as much"
     );
 }
+
+/// A study with a `[[direction]]` and a steered probe eval (`steer = [...]`, a sweep): the
+/// direction is a step, each steer entry its own probe step whose metric follows the
+/// scale, and a rerun runs nothing.
+#[test]
+fn a_study_computes_a_direction_and_sweeps_steering() {
+    let s = TestStore::new();
+    pair_files(&s);
+    let model = smollm2_path();
+    let spec = format!(
+        r#"name = "steer"
+
+[models.base]
+gguf = "{}"
+
+[datasets.bad]
+import = "bad.jsonl"
+
+[datasets.good]
+import = "good.jsonl"
+
+[[direction]]
+name = "medir"
+model = "base"
+misaligned = "bad"
+aligned = "good"
+layers = "10-12"
+
+[[eval]]
+name = "pairs"
+kind = "probe"
+models = ["base"]
+pairs = ["bad", "good"]
+steer = ["medir:11:-8", "none", "medir:11:8"]
+resamples = 50
+"#,
+        model.display()
+    );
+    let p = s.write("spec.toml", spec.as_bytes());
+    let r = json(&s.ok(&["--json", "run", p.to_str().unwrap()]));
+    let steps = r["steps"].as_array().unwrap();
+    let kinds: Vec<&str> = steps.iter().map(|x| x["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "direction").count(),
+        1,
+        "{r}"
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "probe").count(), 3, "{r}");
+    let shown = json(&s.ok(&["show", "steer/medir"]));
+    assert_eq!(shown["fields"]["layers"], serde_json::json!([10, 11, 12]));
+    // The probe values, by label.
+    let store = emlab::open_store(&s.dir()).unwrap();
+    let mut value = std::collections::BTreeMap::new();
+    for (_, id) in store.ids_in_table("study_step", 0).unwrap() {
+        let st = store.get(id).unwrap();
+        if st.get("kind").unwrap().as_str() != Some("probe") {
+            continue;
+        }
+        let label = st.get("label").unwrap().as_str().unwrap().to_string();
+        let out = st.get("outputs").unwrap().id_list();
+        let m = store.get(out[0]).unwrap();
+        value.insert(label, m.get("value").unwrap().as_float().unwrap());
+    }
+    drop(store);
+    let v = |l: &str| value[&format!("probe pairs base{l}")];
+    let (neg, none, pos) = (v(" steer medir:11:-8"), v(""), v(" steer medir:11:8"));
+    eprintln!("study probe: -8 {neg:+.4}, none {none:+.4}, +8 {pos:+.4}");
+    assert!(neg < none && none < pos, "{value:?}");
+    let again = json(&s.ok(&["--json", "run", p.to_str().unwrap()]));
+    assert!(
+        again["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["state"] == "done"),
+        "{again}"
+    );
+    // A steer naming no [[direction]] is a spec error at its line.
+    let bad = spec.replace("medir:11:8", "other:11:8");
+    let p2 = s.write("bad-spec.toml", bad.as_bytes());
+    let r = s.run(&["run", p2.to_str().unwrap()]);
+    assert!(
+        !r.ok() && r.stderr.contains("no [[direction]] named `other`"),
+        "{}",
+        r.stderr
+    );
+}

@@ -68,6 +68,8 @@ pub enum StudyError {
     #[error(transparent)]
     Probe(#[from] ProbeError),
     #[error(transparent)]
+    Direction(#[from] crate::jobs::direction::DirectionError),
+    #[error(transparent)]
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Encode(#[from] crate::provenance::EncodeError),
@@ -93,6 +95,7 @@ impl Hint for StudyError {
             StudyError::Generate(e) => e.hint(),
             StudyError::Judge(e) => e.hint(),
             StudyError::Probe(e) => e.hint(),
+            StudyError::Direction(e) => e.hint(),
             StudyError::Model(e) => e.hint(),
             StudyError::Store(e) => e.hint(),
             StudyError::Env { var, .. } => Some(format!(
@@ -187,6 +190,8 @@ struct Exec<'a> {
     datasets: BTreeMap<String, Id>,
     /// Results dataset -> the external model ids it made.
     results: BTreeMap<String, Vec<Id>>,
+    /// `[[direction]]` name -> its direction record (absent: not made yet).
+    directions: BTreeMap<String, Id>,
     /// Stage variants -> their checkpoints `(step, id)`, the final one last.
     variants: BTreeMap<Variant, Option<Vec<(i64, Id)>>>,
     /// Steps handled in this run: step id -> outputs (a step shared by two evals runs once).
@@ -1153,7 +1158,88 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// The `[[direction]]` steps: `emlab activations` of a base model on two datasets.
+    fn directions(&mut self) -> Result<(), StudyError> {
+        let ds: Vec<spec::DirectionSpec> = self
+            .l
+            .spec
+            .direction
+            .iter()
+            .map(|d| d.get_ref().clone())
+            .collect();
+        for d in ds {
+            let dname = d.name.get_ref().clone();
+            let ModelRef::Local { path, weights, id } = self.models[d.model.get_ref()].clone()
+            else {
+                unreachable!("checked: a direction's model is local")
+            };
+            let (m, a) = (
+                self.dataset_id(d.misaligned.get_ref()),
+                self.dataset_id(d.aligned.get_ref()),
+            );
+            let (inputs, waits) = match (id, m, a) {
+                (Some(id), Some(m), Some(a)) => (Some(vec![id, m, a]), String::new()),
+                (None, ..) => (
+                    None,
+                    format!("model `{}` (file missing)", d.model.get_ref()),
+                ),
+                _ => (None, "its datasets".to_string()),
+            };
+            let layers: crate::util::layers::LayerSpec = match &d.layers {
+                Some(l) => l.get_ref().parse().map_err(|msg| StudyError::Step {
+                    label: format!("direction {dname}"),
+                    msg,
+                })?,
+                None => crate::util::layers::LayerSpec::All,
+            };
+            let batch = d.batch.unwrap_or(8);
+            let params = json!({"direction": dname, "layers": layers, "batch": batch, "weights": weights.name()});
+            let store_name = self.store_name(&dname);
+            let out = self.step(
+                "direction",
+                format!("direction {dname}"),
+                params,
+                inputs,
+                &waits,
+                |x| {
+                    let plan = crate::jobs::direction::ActivationsPlan {
+                        name: store_name,
+                        model: path.clone(),
+                        adapter: None,
+                        weights,
+                        misaligned: crate::jobs::direction::Selection::Dataset(
+                            m.expect("known").to_hex(),
+                        ),
+                        aligned: crate::jobs::direction::Selection::Dataset(
+                            a.expect("known").to_hex(),
+                        ),
+                        layers,
+                        batch,
+                    };
+                    let r = crate::jobs::direction::activations(x.store, &plan)?;
+                    Ok(vec![r.direction.parse::<Id>()?])
+                },
+            )?;
+            if let Some(out) = out.and_then(|o| o.first().copied()) {
+                self.directions.insert(dname, out);
+            }
+        }
+        Ok(())
+    }
+
     fn probe(&mut self, e: &spec::EvalSpec, t: &Target) -> Result<(), StudyError> {
+        let steers: Vec<String> = match &e.steer {
+            Some(v) => v.iter().map(|s| s.get_ref().clone()).collect(),
+            None => vec!["none".into()],
+        };
+        for s in steers {
+            self.probe_one(e, t, &s)?;
+        }
+        Ok(())
+    }
+
+    /// One probe of a target, steered by `steer` (`none`, or `DIRECTION:LAYER:SCALE`).
+    fn probe_one(&mut self, e: &spec::EvalSpec, t: &Target, steer: &str) -> Result<(), StudyError> {
         let ename = e.name.get_ref().clone();
         let (model_inputs, mut waits) = self.target_inputs(t);
         let mut inputs = model_inputs;
@@ -1236,9 +1322,40 @@ impl Exec<'_> {
                 msg: "the probe needs a local model (an endpoint gives no teacher-forced likelihoods)".into(),
             });
         };
-        let params = json!({"eval": ename, "stage": t.stage, "model": t.model, "seeds": t.seeds, "checkpoint": t.checkpoint.map(|c| c.0),
+        let mut params = json!({"eval": ename, "stage": t.stage, "model": t.model, "seeds": t.seeds, "checkpoint": t.checkpoint.map(|c| c.0),
                             "labels": labels, "seed": seed, "resamples": resamples, "batch": batch, "weights": weights.name()});
-        let label = t.label(&ename, None);
+        let mut edits = crate::jobs::direction::EditSpec::default();
+        let mut condition = None;
+        if steer != "none" {
+            let (d, layer, scale) =
+                crate::jobs::direction::EditSpec::parse_steer(steer).map_err(|msg| {
+                    StudyError::Step {
+                        label: ename.clone(),
+                        msg,
+                    }
+                })?;
+            match self.directions.get(&d) {
+                Some(id) => {
+                    if let Some(i) = inputs.as_mut() {
+                        i.push(*id);
+                    }
+                    edits.steer.push((id.to_hex(), layer, scale));
+                }
+                None => {
+                    inputs = None;
+                    waits = format!("direction `{d}`");
+                }
+            }
+            edits.random = e.steer_random;
+            // Only when steered: unsteered probes keep their step ids.
+            params["steer"] =
+                json!({"direction": d, "layer": layer, "scale": scale, "random": e.steer_random});
+            condition = Some(match e.steer_random {
+                Some(r) => format!("steer {steer} random {r}"),
+                None => format!("steer {steer}"),
+            });
+        }
+        let label = t.label(&ename, condition.as_deref());
         let ck = t.checkpoint.map(|c| c.1);
         self.step(
             "probe",
@@ -1263,7 +1380,7 @@ impl Exec<'_> {
                     batch,
                     seed,
                     resamples,
-                    edits: Default::default(),
+                    edits,
                 };
                 let r = crate::jobs::probe::run(x.store, &plan)?;
                 r.metrics.iter().map(|m| Ok(m.parse::<Id>()?)).collect()
@@ -1315,6 +1432,7 @@ pub fn run(
         models: BTreeMap::new(),
         datasets: BTreeMap::new(),
         results: BTreeMap::new(),
+        directions: BTreeMap::new(),
         variants: BTreeMap::new(),
         seen: BTreeMap::new(),
         step_records: Vec::new(),
@@ -1323,6 +1441,7 @@ pub fn run(
     };
     x.resolve_models()?;
     x.datasets()?;
+    x.directions()?;
     x.stages()?;
     x.evals()?;
     let count = |s: StepState| x.lines.iter().filter(|l| l.state == s).count();

@@ -160,6 +160,14 @@ pub struct EvalSpec {
     pub pairs: Option<Vec<Spanned<String>>>,
     /// Probe: bootstrap resamples.
     pub resamples: Option<usize>,
+    /// Probe: one run per entry, `none` (no edit) or `DIRECTION:LAYER:SCALE` with a
+    /// `[[direction]]` of this spec (a steering sweep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer: Option<Vec<Spanned<String>>>,
+    /// Probe: steer with Gaussian vectors of the direction's norms drawn from this seed (the
+    /// random control) instead of the direction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steer_random: Option<u64>,
 }
 
 /// Who judges the sampled answers.
@@ -212,6 +220,20 @@ fn default_metrics() -> MetricsSpec {
     MetricsSpec::default()
 }
 
+/// A misalignment direction (`emlab activations`) of a `[models]` entry, from two datasets
+/// of the spec: their assistant turns, misaligned and aligned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectionSpec {
+    pub name: Spanned<String>,
+    pub model: Spanned<String>,
+    pub misaligned: Spanned<String>,
+    pub aligned: Spanned<String>,
+    /// `all` (default) or indices and ranges, `15-17,21`.
+    pub layers: Option<Spanned<String>>,
+    pub batch: Option<usize>,
+}
+
 /// A whole study.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -228,6 +250,9 @@ pub struct Spec {
     pub judge: Option<Spanned<JudgeSpec>>,
     #[serde(default = "default_metrics")]
     pub metrics: MetricsSpec,
+    /// Left out of the spec's JSON when absent, so studies written before it keep their ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub direction: Vec<Spanned<DirectionSpec>>,
 }
 
 /// A spec read from a file, with what errors need to point into it.
@@ -360,6 +385,7 @@ impl Spec {
                 eval: Vec::new(),
                 judge: None,
                 metrics: MetricsSpec::default(),
+                direction: Vec::new(),
             },
             path: path.to_path_buf(),
             dir,
@@ -628,6 +654,9 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
                 if e.answers.is_some() || e.pairs.is_some() {
                     return Err(l.error(ev.span(), "answers and pairs are for kind = \"probe\""));
                 }
+                if e.steer.is_some() || e.steer_random.is_some() {
+                    return Err(l.error(ev.span(), "steer in a study is for kind = \"probe\" evals (sample with `emlab generate --steer`)"));
+                }
                 for c in e.conditions.iter().flatten() {
                     match c.get_ref().as_str() {
                         "plain" => {}
@@ -655,6 +684,19 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
                 }
             }
             "probe" => {
+                for st in e.steer.iter().flatten() {
+                    if st.get_ref() == "none" {
+                        continue;
+                    }
+                    let (d, _, _) = crate::jobs::direction::EditSpec::parse_steer(st.get_ref())
+                        .map_err(|m| l.error(st.span(), m))?;
+                    if !s.direction.iter().any(|x| x.get_ref().name.get_ref() == &d) {
+                        return Err(l.error(
+                            st.span(),
+                            format!("no [[direction]] named `{d}` in this spec"),
+                        ));
+                    }
+                }
                 match (&e.answers, &e.pairs) {
                     (Some(a), None) => {
                         let d = s.datasets.get(a.get_ref());
@@ -683,6 +725,39 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
                     format!("kind `{other}`: expected sample or probe"),
                 ));
             }
+        }
+    }
+    let mut dnames = BTreeSet::new();
+    for d in &s.direction {
+        let dd = d.get_ref();
+        if !dnames.insert(dd.name.get_ref().clone()) {
+            return Err(l.error(
+                dd.name.span(),
+                format!("two directions are named `{}`", dd.name.get_ref()),
+            ));
+        }
+        match s.models.get(dd.model.get_ref()) {
+            Some(m) if m.get_ref().endpoint.is_none() => {}
+            _ => return Err(l.error(
+                dd.model.span(),
+                format!(
+                    "no local model `{}` in [models] (a direction needs the model's activations)",
+                    dd.model.get_ref()
+                ),
+            )),
+        }
+        for x in [&dd.misaligned, &dd.aligned] {
+            if !defined_datasets(s).contains(x.get_ref()) {
+                return Err(l.error(
+                    x.span(),
+                    format!("no dataset `{}` in this spec", x.get_ref()),
+                ));
+            }
+        }
+        if let Some(ls) = &dd.layers {
+            ls.get_ref()
+                .parse::<crate::util::layers::LayerSpec>()
+                .map_err(|m| l.error(ls.span(), m))?;
         }
     }
     if let Some(j) = &s.judge {
