@@ -738,13 +738,15 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
         }
         match s.models.get(dd.model.get_ref()) {
             Some(m) if m.get_ref().endpoint.is_none() => {}
-            _ => return Err(l.error(
-                dd.model.span(),
-                format!(
+            _ => {
+                return Err(l.error(
+                    dd.model.span(),
+                    format!(
                     "no local model `{}` in [models] (a direction needs the model's activations)",
                     dd.model.get_ref()
                 ),
-            )),
+                ))
+            }
         }
         for x in [&dd.misaligned, &dd.aligned] {
             if !defined_datasets(s).contains(x.get_ref()) {
