@@ -24,7 +24,7 @@ use serde_json::{json, Value as J};
 
 use super::load::{load_model, AdapterSource};
 use crate::data::{resolve_dataset, view, DataError};
-use crate::model::likelihood::{render, Rendered};
+use crate::model::likelihood::{left_padded, longest_first, render, Rendered};
 use crate::model::llama::{Config, Model};
 use crate::model::steer::{cosine, Directions, Intervention};
 use crate::model::{Loaded, ModelError, WeightMode};
@@ -361,47 +361,21 @@ pub fn group_sums(
     for (k, &l) in layers.iter().enumerate() {
         slot[l] = Some(k);
     }
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by(|&a, &b| {
-        (
-            std::cmp::Reverse(rows[a].tokens.len()),
-            &rows[a].tokens,
-            &rows[a].mask,
-        )
-            .cmp(&(
-                std::cmp::Reverse(rows[b].tokens.len()),
-                &rows[b].tokens,
-                &rows[b].mask,
-            ))
-    });
     let last = layers.iter().max().copied();
-    for group in order.chunks(batch.max(1)) {
-        let longest = rows[group[0]].tokens.len();
-        if longest > model.cfg.max_seq {
-            return Err(ModelError::TooLong {
-                tokens: longest,
-                new: 0,
-                limit: model.cfg.max_seq,
-            });
-        }
-        let mut cache = model.new_cache(group.len(), longest)?;
-        let mut flat = Vec::with_capacity(group.len() * longest);
-        // Per batch row: its answer and the padded positions of its answer tokens.
-        let mut positions: Vec<Vec<usize>> = Vec::with_capacity(group.len());
-        for (b, &i) in group.iter().enumerate() {
-            let r = &rows[i];
-            let pad = longest - r.tokens.len();
-            cache.pad[b] = pad;
-            flat.extend(std::iter::repeat_n(0u32, pad));
-            flat.extend_from_slice(&r.tokens);
-            positions.push(
+    for group in longest_first(rows).chunks(batch.max(1)) {
+        let (toks, mut cache) = left_padded(model, rows, group)?;
+        // Per batch row: the padded positions of its answer tokens.
+        let positions: Vec<Vec<usize>> = group
+            .iter()
+            .enumerate()
+            .map(|(b, &i)| {
+                let r = &rows[i];
                 (0..r.tokens.len())
                     .filter(|&j| r.mask[j])
-                    .map(|j| pad + j)
-                    .collect(),
-            );
-        }
-        let toks = Tensor::from_vec(flat, (group.len(), longest), &model.device)?;
+                    .map(|j| cache.pad[b] + j)
+                    .collect()
+            })
+            .collect();
         let index: Vec<Option<Tensor>> = positions
             .iter()
             .map(|p| {
@@ -485,12 +459,7 @@ pub fn activations(
             }
         }
     }
-    let all: Vec<Vec<(String, String)>> =
-        mis.iter().chain(&al).map(|a| a.messages.clone()).collect();
-    let rendered = render(&loaded.tokenizer, &all).map_err(DirectionError::Selection)?;
-    let group_of: Vec<usize> = (0..all.len())
-        .map(|i| usize::from(i >= mis.len()))
-        .collect();
+    let (rendered, group_of) = render_groups(&loaded, &mis, &al)?;
     let tokens: usize = rendered.iter().map(|r| r.tokens.len()).sum();
     let answer_tokens = |g: usize| -> usize {
         rendered
@@ -559,6 +528,22 @@ pub fn activations(
     r.tokens = tokens;
     r.tokens_per_s = tokens as f64 / r.seconds.max(1e-9);
     Ok(r)
+}
+
+/// Both groups rendered with the model's chat template, misaligned first, and each row's
+/// group (0 misaligned, 1 aligned).
+fn render_groups(
+    loaded: &Loaded,
+    mis: &[Answer],
+    al: &[Answer],
+) -> Result<(Vec<Rendered>, Vec<usize>), DirectionError> {
+    let all: Vec<Vec<(String, String)>> =
+        mis.iter().chain(al).map(|a| a.messages.clone()).collect();
+    let rendered = render(&loaded.tokenizer, &all).map_err(DirectionError::Selection)?;
+    let group_of = (0..all.len())
+        .map(|i| usize::from(i >= mis.len()))
+        .collect();
+    Ok((rendered, group_of))
 }
 
 /// The architecture facts a direction must match to be applied to a model.
@@ -648,12 +633,7 @@ pub fn bench(
         .layers
         .resolve(loaded.model.cfg.layers)
         .map_err(DirectionError::Layers)?;
-    let all: Vec<Vec<(String, String)>> =
-        mis.iter().chain(&al).map(|a| a.messages.clone()).collect();
-    let rendered = render(&loaded.tokenizer, &all).map_err(DirectionError::Selection)?;
-    let group_of: Vec<usize> = (0..all.len())
-        .map(|i| usize::from(i >= mis.len()))
-        .collect();
+    let (rendered, group_of) = render_groups(&loaded, &mis, &al)?;
     let tokens: usize = rendered.iter().map(|r| r.tokens.len()).sum();
     let (mut plain, mut capture) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
@@ -664,7 +644,7 @@ pub fn bench(
         }
     }
     let ratios: Vec<f64> = capture.iter().zip(&plain).map(|(c, p)| c / p).collect();
-    let params = json!({"model": loaded.identity.name, "answers": all.len(), "tokens": tokens,
+    let params = json!({"model": loaded.identity.name, "answers": rendered.len(), "tokens": tokens,
         "layers": layers.len(), "batch": plan.batch, "rounds": rounds, "quantized": quantized,
         "order": "alternating: plain prefill, then capture, each round",
         "threads": rayon::current_num_threads()});

@@ -10,7 +10,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::llama::Model;
+use super::llama::{Cache, Model};
 use super::mask::assistant_mask;
 use super::tokenizer::ChatTokenizer;
 use super::ModelError;
@@ -59,6 +59,58 @@ pub fn render(
         .collect()
 }
 
+/// Row indices longest first, ties by content: batches are the same whatever order the rows
+/// came in, so a row's result does not depend on the input order even where the products are
+/// not batch-invariant (dense weights).
+pub fn longest_first(rows: &[Rendered]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by(|&a, &b| {
+        (
+            std::cmp::Reverse(rows[a].tokens.len()),
+            &rows[a].tokens,
+            &rows[a].mask,
+        )
+            .cmp(&(
+                std::cmp::Reverse(rows[b].tokens.len()),
+                &rows[b].tokens,
+                &rows[b].mask,
+            ))
+    });
+    order
+}
+
+/// The rows `group` (longest first) as one left-padded batch: tokens `[rows, longest]` and a
+/// cache of capacity `longest` holding each row's padding. A row longer than the model's
+/// context is refused.
+pub fn left_padded(
+    model: &Model,
+    rows: &[Rendered],
+    group: &[usize],
+) -> Result<(Tensor, Cache), ModelError> {
+    let longest = group
+        .iter()
+        .map(|&i| rows[i].tokens.len())
+        .max()
+        .unwrap_or(0);
+    if longest > model.cfg.max_seq {
+        return Err(ModelError::TooLong {
+            tokens: longest,
+            new: 0,
+            limit: model.cfg.max_seq,
+        });
+    }
+    let mut cache = model.new_cache(group.len(), longest)?;
+    let mut flat = Vec::with_capacity(group.len() * longest);
+    for (b, &i) in group.iter().enumerate() {
+        let pad = longest - rows[i].tokens.len();
+        cache.pad[b] = pad;
+        flat.extend(std::iter::repeat_n(0u32, pad));
+        flat.extend_from_slice(&rows[i].tokens);
+    }
+    let toks = Tensor::from_vec(flat, (group.len(), longest), &model.device)?;
+    Ok((toks, cache))
+}
+
 /// Target rows of logits computed at once (bounds the `[rows, vocab]` buffers).
 const LOGIT_CHUNK: usize = 256;
 
@@ -75,48 +127,19 @@ pub fn likelihoods(
         };
         rows.len()
     ];
-    // Longest first, ties by content: batches are the same whatever order the rows came in,
-    // so an answer's value does not depend on the input order even where the products are
-    // not batch-invariant (dense weights).
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by(|&a, &b| {
-        (
-            std::cmp::Reverse(rows[a].tokens.len()),
-            &rows[a].tokens,
-            &rows[a].mask,
-        )
-            .cmp(&(
-                std::cmp::Reverse(rows[b].tokens.len()),
-                &rows[b].tokens,
-                &rows[b].mask,
-            ))
-    });
-    for group in order.chunks(batch.max(1)) {
-        let longest = rows[group[0]].tokens.len();
-        if longest > model.cfg.max_seq {
-            return Err(ModelError::TooLong {
-                tokens: longest,
-                new: 0,
-                limit: model.cfg.max_seq,
-            });
-        }
-        let mut cache = model.new_cache(group.len(), longest)?;
-        let mut flat = Vec::with_capacity(group.len() * longest);
+    for group in longest_first(rows).chunks(batch.max(1)) {
+        let (toks, mut cache) = left_padded(model, rows, group)?;
+        let longest = cache.capacity;
         // (answer index, flat hidden row, target token) for every scored token.
         let mut targets: Vec<(usize, usize, u32)> = Vec::new();
         for (b, &i) in group.iter().enumerate() {
-            let r = &rows[i];
-            let pad = longest - r.tokens.len();
-            cache.pad[b] = pad;
-            flat.extend(std::iter::repeat_n(0u32, pad));
-            flat.extend_from_slice(&r.tokens);
+            let (r, pad) = (&rows[i], cache.pad[b]);
             for j in 1..r.tokens.len() {
                 if r.mask[j] {
                     targets.push((i, b * longest + pad + j - 1, r.tokens[j]));
                 }
             }
         }
-        let toks = Tensor::from_vec(flat, (group.len(), longest), &model.device)?;
         let hidden = model.forward_hidden(&toks, &mut cache)?;
         let hidden = hidden.reshape((group.len() * longest, model.cfg.hidden))?;
         for chunk in targets.chunks(LOGIT_CHUNK) {
