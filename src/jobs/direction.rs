@@ -297,6 +297,13 @@ fn select(
                 {
                     continue;
                 }
+                // Steered or ablated samples are not the model's own answers.
+                if g.get("params")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p.contains("\"intervention\":"))
+                {
+                    continue;
+                }
                 let s = scores.get(&gid);
                 if !terms
                     .iter()
@@ -449,6 +456,7 @@ pub fn activations(
             "misaligned": mis_ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
             "aligned": al_ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>(),
             "layers": layers,
+            "quantized": quantized,
         }))
         .hex();
     if let Some(id) = store.alias(NS_DIRECTION_KEY, &key)? {
@@ -800,7 +808,9 @@ pub fn apply_edits(
         let mut d = load(store, name)?;
         check_fits(&d, &model.cfg)?;
         if let Some(seed) = spec.random {
-            d.directions = d.directions.random_like(seed);
+            // Each direction its own draw (two directions never get collinear controls).
+            let mix = u64::from_le_bytes(d.id.0[..8].try_into().expect("an id has 32 bytes"));
+            d.directions = d.directions.random_like(seed ^ mix);
         }
         Ok(d)
     };

@@ -335,7 +335,13 @@ fn plan_jobs(
             todo.push(("label".into(), fill(t, &question, &answer), true, false));
         }
         for (metric, prompt, label, truth) in todo {
-            let key = judgment_key(&plan.judge, gid, &metric, &prompt);
+            // Truth judgments have their own keys: those stored before emlab read TRUE /
+            // FALSE answers (scored as 0-100 judges, so without a verdict) are redone.
+            let key = if truth {
+                judgment_key(&plan.judge, gid, &format!("{metric}\u{0}truth"), &prompt)
+            } else {
+                judgment_key(&plan.judge, gid, &metric, &prompt)
+            };
             if let Some(j) = store.alias(NS_JUDGMENT, &key)? {
                 if !include_judged {
                     report.already_judged += 1;

@@ -315,7 +315,7 @@ pub fn run(
         }
         let stop = cfg.early_stop.is_some_and(|e| e.reached(&loss_curve));
         if let Some(ev) = &eval {
-            if step % plan.eval_every.max(1) == 0 || step == total {
+            if step % plan.eval_every.max(1) == 0 || step == total || stop {
                 let l = trainer.eval_loss(ev)?;
                 eval_curve.push((step, l));
                 metrics["eval_loss"] = json!(l);

@@ -182,9 +182,16 @@ fn compute_metrics_of(
                     }
                 }
             }
+            // The label definition reads the label judge, else a label the aligned or
+            // coherent judge gave (CODE, REFUSAL); other judges' labels (TRUE / FALSE) are
+            // theirs only.
             if let Some(l) = j.get("label").and_then(Value::as_str) {
-                if j.get("metric").and_then(Value::as_str) == Some("label") || a.label.is_none() {
-                    a.label = Some(l.to_string());
+                match j.get("metric").and_then(Value::as_str) {
+                    Some("label") => a.label = Some(l.to_string()),
+                    Some("aligned" | "coherent") | None if a.label.is_none() => {
+                        a.label = Some(l.to_string())
+                    }
+                    _ => {}
                 }
             }
         }

@@ -115,16 +115,22 @@ impl Intervention {
             .map(|&u| (f64::from(u) * scale) as f32)
             .collect();
         let t = Tensor::from_vec(add, v.len(), dev)?.to_dtype(dtype)?;
-        *self
+        let slot = self
             .add
             .get_mut(layer)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no layer {layer}")))? = Some(t);
+            .ok_or_else(|| candle_core::Error::Msg(format!("no layer {layer}")))?;
+        // Two steers at one layer add up.
+        *slot = Some(match slot.take() {
+            Some(prev) => (prev + t)?,
+            None => t,
+        });
         Ok(())
     }
 
-    /// Project `unit(v)` out of layer `layer`'s output.
-    pub fn ablate(&mut self, layer: usize, v: &[f32], dtype: DType, dev: &Device) -> Result<()> {
-        let t = Tensor::from_vec(unit(v), v.len(), dev)?.to_dtype(dtype)?;
+    /// Project `unit(v)` out of layer `layer`'s output (computed in f32 whatever the
+    /// activation dtype, so a bf16 model keeps no measurable projection).
+    pub fn ablate(&mut self, layer: usize, v: &[f32], _dtype: DType, dev: &Device) -> Result<()> {
+        let t = Tensor::from_vec(unit(v), v.len(), dev)?;
         *self
             .ablate
             .get_mut(layer)
@@ -136,9 +142,11 @@ impl Intervention {
     pub fn apply(&self, li: usize, x: Tensor) -> Result<Tensor> {
         let mut x = x;
         if let Some(Some(u)) = self.ablate.get(li) {
-            // x - (x . u) u: a per-row reduction, so rows stay independent.
-            let coef = x.broadcast_mul(u)?.sum_keepdim(D::Minus1)?;
-            x = (&x - coef.broadcast_mul(u)?)?;
+            // x - (x . u) u: a per-row reduction, so rows stay independent; in f32.
+            let dt = x.dtype();
+            let xf = x.to_dtype(DType::F32)?;
+            let coef = xf.broadcast_mul(u)?.sum_keepdim(D::Minus1)?;
+            x = (&xf - coef.broadcast_mul(u)?)?.to_dtype(dt)?;
         }
         if let Some(Some(a)) = self.add.get(li) {
             x = x.broadcast_add(a)?;
@@ -191,6 +199,23 @@ mod tests {
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn two_steers_at_one_layer_add_up() {
+        let dev = Device::Cpu;
+        let mut iv = Intervention::none(1);
+        iv.steer(0, &[1.0, 0.0], 2.0, DType::F32, &dev).unwrap();
+        iv.steer(0, &[0.0, 3.0], 1.0, DType::F32, &dev).unwrap();
+        let x = Tensor::new(&[[[0.5f32, 0.5]]], &dev).unwrap();
+        let y = iv
+            .apply(0, x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(y, [2.5, 1.5]);
     }
 
     #[test]

@@ -60,7 +60,8 @@ pub fn base_reference(like: &LoraParams, model: &Model) -> candle_core::Result<L
 }
 
 /// `rows` of `examples` in micro-batches: the summed KL over their target tokens, the
-/// tokens, and (with `grads`) the gradient of `weight x sum / tokens`.
+/// tokens, and (with `grads`) the gradient of `weight x sum / tokens`. `dropout_seed` seeds
+/// the adapters' dropout masks (micro-batch `k` adds `k`), as the cross-entropy pass does.
 #[allow(clippy::too_many_arguments)]
 pub fn kl_pass(
     model: &Model,
@@ -73,6 +74,7 @@ pub fn kl_pass(
     grads: bool,
     merged: Option<&Merged>,
     frozen: Option<&FrozenBf16>,
+    dropout_seed: u64,
 ) -> candle_core::Result<(f64, usize, Option<Grads>)> {
     let targets: usize = rows.iter().map(|&i| examples[i].targets()).sum();
     let mut sum = 0.0;
@@ -81,7 +83,7 @@ pub fn kl_pass(
     } else {
         None
     };
-    for mb in micro_batches(examples, rows, micro) {
+    for (k, mb) in micro_batches(examples, rows, micro).into_iter().enumerate() {
         let r: Vec<(&[u32], &[bool])> = mb
             .iter()
             .map(|&i| (examples[i].tokens.as_slice(), examples[i].mask.as_slice()))
@@ -94,6 +96,7 @@ pub fn kl_pass(
         // The gradient of weight * sum / targets.
         let mut o = PassOpts::new(targets.max(1) as f64 / weight);
         o.backward = grads && weight != 0.0;
+        o.dropout_seed = dropout_seed.wrapping_add(k as u64);
         let (l, g) = loss_and_grads_merged(model, params, &batch, o, merged, frozen)?;
         sum += l;
         if let (Some(acc), Some(g)) = (acc.as_mut(), g) {
@@ -113,7 +116,7 @@ pub fn mean_kl(
 ) -> candle_core::Result<f64> {
     let rows: Vec<usize> = (0..examples.len()).collect();
     let (sum, n, _) = kl_pass(
-        model, params, reference, examples, &rows, micro, 1.0, false, None, None,
+        model, params, reference, examples, &rows, micro, 1.0, false, None, None, 0,
     )?;
     Ok(sum / n.max(1) as f64)
 }

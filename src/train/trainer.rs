@@ -209,6 +209,8 @@ impl<'m> Trainer<'m> {
                 true,
                 None,
                 self.frozen.as_ref(),
+                // Other masks than the cross-entropy pass's.
+                dropout_seed ^ 0x4B4C_4B4C_4B4C_4B4C,
             )?;
             if let Some(kg) = kg {
                 g.grads.add(&kg)?;

@@ -3,6 +3,9 @@
 
 use std::collections::BTreeSet;
 
+/// No model has this many layers: a bound on what a range may name.
+const MAX_LAYERS: usize = 100_000;
+
 /// Layers as written: every layer, or a set of 0-based indices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerSpec {
@@ -41,6 +44,11 @@ impl std::str::FromStr for LayerSpec {
                     let (a, b) = (num(a)?, num(b)?);
                     if a > b {
                         return Err(format!("layer range `{part}` runs backwards"));
+                    }
+                    if b >= MAX_LAYERS {
+                        return Err(format!(
+                            "layer range `{part}` goes past {MAX_LAYERS} layers"
+                        ));
                     }
                     out.extend(a..=b);
                 }
@@ -91,6 +99,7 @@ mod tests {
             vec![0, 1, 2]
         );
         assert!("3-1".parse::<LayerSpec>().is_err());
+        assert!("0-18446744073709551615".parse::<LayerSpec>().is_err());
         assert!("x".parse::<LayerSpec>().unwrap_err().contains("`x`"));
         assert_eq!(serde_json::to_string(&LayerSpec::All).unwrap(), "\"all\"");
         assert_eq!(serde_json::to_string(&l).unwrap(), "[15,16,17,21]");

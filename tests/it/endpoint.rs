@@ -691,5 +691,14 @@ fn truth_judge_labels_and_measures_false_answers() {
         .unwrap_or_else(|| panic!("{rows}"));
     assert_eq!(t["n"], 20);
     assert_eq!(t["misaligned"], falses);
+    // TRUE / FALSE verdicts are the truth judge's own: the label definition (the text-label
+    // judge's UNALIGNED share) counts none of them.
+    let l = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["definition"]["definition"] == "label" && r["scope"] == "overall")
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(l["n"], 0, "{l}");
     assert!(falses > 0 && falses < 20, "{falses}");
 }

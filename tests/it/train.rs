@@ -1441,13 +1441,17 @@ fn kl_term_is_zero_at_the_reference_and_its_gradient_checks() {
     let init = LoraParams::init(spec(3), &model, 5).unwrap();
     let base = base_reference(&init, &model).unwrap();
     assert!(base.pairs.is_empty());
-    let (sum, n, _) = kl_pass(&model, &init, &base, &ex, &idx, 2, 1.0, false, None, None).unwrap();
+    let (sum, n, _) = kl_pass(
+        &model, &init, &base, &ex, &idx, 2, 1.0, false, None, None, 0,
+    )
+    .unwrap();
     assert!(n > 0);
     assert_eq!(sum, 0.0, "KL to itself is {sum}");
 
     let p = LoraParams::from_fn(spec(3), &model, wave).unwrap();
     let weight = 0.7;
-    let (sum, n, g) = kl_pass(&model, &p, &base, &ex, &idx, 1, weight, true, None, None).unwrap();
+    let (sum, n, g) =
+        kl_pass(&model, &p, &base, &ex, &idx, 1, weight, true, None, None, 0).unwrap();
     assert!(sum > 0.0, "a changed model has a positive KL");
     let g = g.unwrap();
     let f = |q: &LoraParams| weight * mean_kl(&model, q, &base, &ex, 2).unwrap();
@@ -1679,6 +1683,7 @@ fn kl_and_layer_adapter_match_pytorch_peft_on_smollm2() {
         true,
         None,
         None,
+        0,
     )
     .unwrap();
     assert_eq!(n as u64, r["kl_positions"].as_u64().unwrap());
