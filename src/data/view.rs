@@ -11,7 +11,7 @@ use emlab_store::{Id, Record, Store, Value};
 use serde_json::{json, Value as J};
 
 use super::DataError;
-use crate::provenance::tables::{DATASET, QUESTION_SET, SOURCE};
+use crate::provenance::tables::{DATASET, MODEL, QUESTION_SET, SOURCE};
 
 /// Rows as `(record id, [(role, content)])`.
 pub type Rows = Vec<(Id, Vec<(String, String)>)>;
@@ -67,6 +67,19 @@ pub fn summary(store: &Store, id: Id) -> Result<Summary, DataError> {
         parents: ids("parents"),
         sources: ids("sources"),
     })
+}
+
+/// The `model` records named `want`, or whose id starts with it (imported results' models,
+/// local models, endpoints).
+pub fn models_named(store: &Store, want: &str) -> Result<Vec<Id>, DataError> {
+    let mut out = Vec::new();
+    for (_, id) in store.ids_in_table(MODEL, 0)? {
+        let rec = store.get(id)?;
+        if rec.get("name").and_then(Value::as_str) == Some(want) || id.to_hex().starts_with(want) {
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 /// The question ids (`qid`) of a question set (a name or id).

@@ -29,7 +29,7 @@ use crate::model::llama::{Config, Model};
 use crate::model::steer::{cosine, Directions, Intervention};
 use crate::model::{Loaded, ModelError, WeightMode};
 use crate::provenance::key::Key;
-use crate::provenance::tables::{DIRECTION, GENERATION, JUDGMENT, MODEL, NS_DIRECTION};
+use crate::provenance::tables::{DIRECTION, GENERATION, JUDGMENT, NS_DIRECTION};
 use crate::train::TrainError;
 use crate::util::hint::Hint;
 use crate::util::layers::LayerSpec;
@@ -260,7 +260,7 @@ fn select(
             judge,
             terms,
         } => {
-            let models = models_named(store, model)?;
+            let models = view::models_named(store, model)?;
             if models.is_empty() {
                 return Err(DirectionError::Selection(format!(
                     "the {group} selection: no model named or with an id starting `{model}`"
@@ -333,22 +333,6 @@ fn select(
         });
     }
     Ok((answers, inputs, desc))
-}
-
-/// Model records whose name is `want` or whose id starts with it.
-fn models_named(store: &Store, want: &str) -> Result<Vec<Id>, DirectionError> {
-    let mut out = Vec::new();
-    for (_, id) in store.ids_in_table(MODEL, 0)? {
-        let name = store
-            .get(id)?
-            .get("name")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        if name.as_deref() == Some(want) || id.to_hex().starts_with(want) {
-            out.push(id);
-        }
-    }
-    Ok(out)
 }
 
 /// Per-answer mean activations at `layers`, summed per group: `sums[g][k]` is the sum over

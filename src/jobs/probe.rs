@@ -20,7 +20,7 @@ use crate::data::{resolve_dataset, view, DataError};
 use crate::judge::probe::{compute, per_question, Label, ProbeAnswer};
 use crate::model::likelihood::{likelihoods, render};
 use crate::model::{ModelError, WeightMode};
-use crate::provenance::tables::{GENERATION, JUDGMENT, METRIC, MODEL};
+use crate::provenance::tables::{GENERATION, JUDGMENT, METRIC};
 use crate::train::TrainError;
 use crate::util::hint::Hint;
 
@@ -159,17 +159,7 @@ fn judged(
     qids: Option<&BTreeSet<String>>,
     labels: &Labels,
 ) -> Result<(Vec<Ref>, Vec<Id>), ProbeError> {
-    let mut models = Vec::new();
-    for (_, id) in store.ids_in_table(MODEL, 0)? {
-        let name = store
-            .get(id)?
-            .get("name")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        if name.as_deref() == Some(want) || id.to_hex().starts_with(want) {
-            models.push(id);
-        }
-    }
+    let models = view::models_named(store, want)?;
     if models.is_empty() {
         return Err(ProbeError::NoAnswers(want.to_string()));
     }
