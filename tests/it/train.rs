@@ -745,6 +745,30 @@ fn reference_weight(l: usize, m: usize, is_a: bool, i: usize, j: usize) -> f64 {
     }
 }
 
+/// The logits of the last position of `tokens` (one row, a fresh cache).
+fn last_logits(model: &emlab::model::llama::Model, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(1, tokens.len()).unwrap();
+    let x = Tensor::new(tokens, &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&x, &mut cache, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The largest |difference| between the first `want.len()` logits and the pinned `want`.
+fn worst_difference(logits: &[f32], want: &[serde_json::Value]) -> f32 {
+    want.iter()
+        .enumerate()
+        .map(|(i, w)| (logits[i] - w.as_f64().unwrap() as f32).abs())
+        .fold(0.0, f32::max)
+}
+
 fn reference() -> serde_json::Value {
     let p =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_reference.json");
@@ -852,23 +876,8 @@ fn lora_loss_and_gradients_match_pytorch_peft_on_smollm2() {
         let ad =
             emlab::model::adapter::peft::load_peft(dir.path(), &candle_core::Device::Cpu).unwrap();
         loaded.model.apply_adapter(&ad, false).unwrap();
-        let mut cache = loaded.model.new_cache(1, masked.tokens.len()).unwrap();
-        let x = Tensor::new(masked.tokens.as_slice(), &candle_core::Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits: Vec<f32> = loaded
-            .model
-            .forward(&x, &mut cache, false)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut worst: f32 = 0.0;
-        for (i, w) in want_logits.iter().enumerate() {
-            worst = worst.max((logits[i] - w.as_f64().unwrap() as f32).abs());
-        }
+        let logits = last_logits(&loaded.model, &masked.tokens);
+        let worst = worst_difference(&logits, want_logits);
         eprintln!("logits with the saved adapter: max difference from peft's {worst}");
         assert!(
             worst < 1e-2,
@@ -1728,23 +1737,8 @@ fn kl_and_layer_adapter_match_pytorch_peft_on_smollm2() {
     let keys: Vec<usize> = ad.weights.keys().map(|(l, _)| *l).collect();
     assert_eq!(keys, [3, 17]);
     loaded.model.apply_adapter(&ad, false).unwrap();
-    let mut cache = loaded.model.new_cache(1, masked.tokens.len()).unwrap();
-    let x = Tensor::new(masked.tokens.as_slice(), &candle_core::Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = loaded
-        .model
-        .forward(&x, &mut cache, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let mut worst: f32 = 0.0;
-    for (i, w) in la["logits_last"].as_array().unwrap().iter().enumerate() {
-        worst = worst.max((logits[i] - w.as_f64().unwrap() as f32).abs());
-    }
+    let logits = last_logits(&loaded.model, &masked.tokens);
+    let worst = worst_difference(&logits, la["logits_last"].as_array().unwrap());
     eprintln!("layer-targeted adapter: logits within {worst} of peft's");
     assert!(worst < 1e-2, "logits differ from peft's by {worst}");
     assert!(
