@@ -23,7 +23,6 @@ same logits.
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -33,27 +32,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference_lora import MESSAGES, MODULES, R, ALPHA, weight, rendered_mask  # noqa: E402
+from reference_lora import MESSAGES, MODULES, R, ALPHA, fill, rendered_mask  # noqa: E402
 
 LAYERS = [3, 17]
 LAYER_R, LAYER_ALPHA = 1, 8.0
-
-
-def fill(model, modules):
-    params = {}
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
-                continue
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            m = MODULES.index(name.split(".")[-1])
-            a = mod.lora_A["default"].weight
-            b = mod.lora_B["default"].weight
-            a.copy_(torch.tensor([[weight(layer, m, True, i, j) for j in range(a.shape[1])] for i in range(a.shape[0])], dtype=torch.float64))
-            b.copy_(torch.tensor([[weight(layer, m, False, i, j) for j in range(b.shape[1])] for i in range(b.shape[0])], dtype=torch.float64))
-            params[f"{layer}.{MODULES[m]}.A"] = a
-            params[f"{layer}.{MODULES[m]}.B"] = b
-    return params
 
 
 def main():
@@ -75,7 +57,7 @@ def main():
     cfg = LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True, lora_dropout=0.0,
                      target_modules=MODULES, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(load(), cfg)
-    params = fill(model, MODULES)
+    params = fill(model)
     logp = F.log_softmax(model(input_ids=input_ids).logits[0, pos].double(), dim=-1)
     kl = (ref.exp() * (ref - logp)).sum(-1).mean()
     kl.backward()
@@ -88,7 +70,7 @@ def main():
                       target_modules=["down_proj"], layers_to_transform=LAYERS, bias="none",
                       task_type="CAUSAL_LM")
     lm = get_peft_model(load(), lcfg)
-    lparams = fill(lm, ["down_proj"])
+    lparams = fill(lm)
     lora_layers = sorted({int(k.split(".")[0]) for k in lparams})
     with torch.no_grad():
         last = lm(input_ids=input_ids).logits[0, -1]

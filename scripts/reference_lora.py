@@ -46,6 +46,24 @@ def weight(layer, module, is_a, i, j):
     return 0.02 * math.cos(0.23 * i + 0.5 * j + 0.9 * layer + 0.3 * module)
 
 
+def fill(model):
+    """Set every LoRA pair of a peft model to `weight`; returns them by `LAYER.module.A|B`."""
+    params = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+                continue
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            m = MODULES.index(name.split(".")[-1])
+            a = mod.lora_A["default"].weight
+            b = mod.lora_B["default"].weight
+            a.copy_(torch.tensor([[weight(layer, m, True, i, j) for j in range(a.shape[1])] for i in range(a.shape[0])], dtype=torch.float64))
+            b.copy_(torch.tensor([[weight(layer, m, False, i, j) for j in range(b.shape[1])] for i in range(b.shape[0])], dtype=torch.float64))
+            params[f"{layer}.{MODULES[m]}.A"] = a
+            params[f"{layer}.{MODULES[m]}.B"] = b
+    return params
+
+
 def rendered_mask(tok, messages):
     full = tok.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -78,19 +96,7 @@ def main():
     cfg = LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True, lora_dropout=0.0,
                      target_modules=MODULES, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
-    params = {}
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
-                continue
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            m = MODULES.index(name.split(".")[-1])
-            a = mod.lora_A["default"].weight
-            b = mod.lora_B["default"].weight
-            a.copy_(torch.tensor([[weight(layer, m, True, i, j) for j in range(a.shape[1])] for i in range(a.shape[0])], dtype=torch.float64))
-            b.copy_(torch.tensor([[weight(layer, m, False, i, j) for j in range(b.shape[1])] for i in range(b.shape[0])], dtype=torch.float64))
-            params[f"{layer}.{MODULES[m]}.A"] = a
-            params[f"{layer}.{MODULES[m]}.B"] = b
+    params = fill(model)
 
     input_ids = torch.tensor([ids])
     labels = torch.tensor([[t if k else -100 for t, k in zip(ids, mask)]])
