@@ -29,11 +29,42 @@ set +e
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-skipped=$(wc -l < "$EMLAB_SKIP_LOG")
-if [ "$skipped" -gt 0 ]; then
+# Each kernel path below the best this CPU runs (EMLAB_KERNELS caps the level; the run above
+# took the best): the kernels' own tests, and batched-equals-unbatched sampling and the
+# PyTorch + peft fixtures through the whole model. A level above this CPU's best reports
+# itself skipped. Not when arguments select tests.
+if [ "$status" = 0 ] && [ $# = 0 ]; then
+  best=$(target/debug/emlab cpu --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["best"])')
+  path_tests="model::same_seed_same_text_and_batched_equals_unbatched
+    model::quantized_logits_do_not_depend_on_the_batch model::quantized_matches_llama_cpp_reference
+    sampling::continuous_batching_with_an_adapter_on_blocks_matches_alone
+    sampling::ragged_tensor_cache_matches_rows_alone
+    train::lora_loss_and_gradients_match_pytorch_peft_on_smollm2
+    train::kl_and_layer_adapter_match_pytorch_peft_on_smollm2
+    train::bf16_base_products_keep_the_adapters_share"
+  below=1
+  for level in amx avx512 avx2 scalar; do
+    if [ "$level" = "$best" ]; then below=0; continue; fi
+    if [ "$below" = 1 ]; then
+      echo "path $level of the per-path tests: this CPU runs up to $best" >> "$EMLAB_SKIP_LOG"
+      continue
+    fi
+    echo "== kernel path $level (EMLAB_KERNELS=$level)"
+    set +e
+    # shellcheck disable=SC2086
+    { EMLAB_KERNELS=$level cargo test -p emlab-kernels --locked &&
+      EMLAB_KERNELS=$level cargo test -p emlab --locked --test it -- --exact $path_tests; } 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    [ "$status" = 0 ] || break
+  done
+fi
+skipped=$(grep -vc '^path ' "$EMLAB_SKIP_LOG" || true)
+paths=$(grep -c '^path ' "$EMLAB_SKIP_LOG" || true)
+if [ -s "$EMLAB_SKIP_LOG" ]; then
   echo "skipped (this machine lacks what they test):"
   sed 's/^/  /' "$EMLAB_SKIP_LOG"
 fi
-awk -v s="$skipped" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "total: %d passed, %d skipped, %d failed\n", p - s, s, f }' "$log"
+awk -v s="$skipped" -v k="$paths" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "total: %d passed, %d skipped, %d failed; %d kernel paths not run on this CPU\n", p - s, s, f, k }' "$log"
 exit "$status"

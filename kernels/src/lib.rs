@@ -2,6 +2,7 @@
 //! file) and causal attention over a KV cache for sampling ([`attn`]); for training, causal
 //! attention forward and backward ([`attn_train`]), bf16 products with f32 accumulation
 //! ([`bf16`]), the low-rank adapter share ([`lowrank`]) and SIMD `exp` ([`vmath`]).
+//! [`cpu`] detects what the CPU has and picks each family's kernel path, once;
 //! [`testing`] lets tests of paths this CPU lacks report themselves skipped.
 //!
 //! Why emlab owns the quantized products instead of using Candle's `QMatMul`:
@@ -23,6 +24,7 @@
 pub mod attn;
 pub mod attn_train;
 pub mod bf16;
+pub mod cpu;
 pub mod lowrank;
 pub mod testing;
 pub mod vmath;
@@ -193,7 +195,7 @@ pub fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]]) {
         assert_eq!(acts.cols, m.cols, "activation width");
         assert_eq!(o.len(), n * m.rows, "output size");
     }
-    let kern = Kernel::detect();
+    let kern = cpu::paths().quant;
     let threads = rayon::current_num_threads().max(1);
     let total_rows: usize = ms.iter().map(|m| m.rows).sum();
     // Row chunks: enough for load balance, large enough to amortize a task.
@@ -235,39 +237,14 @@ pub fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]]) {
     }
 }
 
-/// `EMLAB_SCALAR_KERNELS` (any value) turns every SIMD kernel here off, to compare against
-/// the scalar paths.
-pub(crate) fn simd_allowed() -> bool {
-    std::env::var_os("EMLAB_SCALAR_KERNELS").is_none()
-}
-
-/// AVX2 and FMA, and SIMD allowed: the f32 kernels' 256-bit path (attention, low-rank
-/// products, `exp`).
+/// The f32 kernels' 256-bit path (attention, low-rank products, `exp`): AVX2 and FMA.
 pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static A: OnceLock<bool> = OnceLock::new();
-        *A.get_or_init(|| {
-            simd_allowed() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    cpu::paths().f32 != cpu::F32Path::Scalar
 }
 
-/// AVX-512F and FMA, and SIMD allowed: the f32 kernels' 512-bit path.
+/// The f32 kernels' 512-bit path: AVX-512F and FMA.
 pub(crate) fn has_avx512f_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static A: OnceLock<bool> = OnceLock::new();
-        *A.get_or_init(|| {
-            simd_allowed() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    cpu::paths().f32 == cpu::F32Path::Avx512
 }
 
 /// `a·b + c`: fused (one rounding) where the caller runs with FMA enabled, else plain (a
@@ -343,42 +320,9 @@ impl Acts {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kernel {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
-}
+use cpu::QuantPath as Kernel;
 
 impl Kernel {
-    fn detect() -> Kernel {
-        use std::sync::OnceLock;
-        static K: OnceLock<Kernel> = OnceLock::new();
-        *K.get_or_init(|| {
-            if !simd_allowed() {
-                return Kernel::Scalar;
-            }
-            #[cfg(target_arch = "x86_64")]
-            {
-                let avx2 = is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c");
-                if avx2
-                    && is_x86_feature_detected!("avx512vnni")
-                    && is_x86_feature_detected!("avx512vl")
-                {
-                    return Kernel::Vnni;
-                }
-                if avx2 {
-                    return Kernel::Avx2;
-                }
-            }
-            Kernel::Scalar
-        })
-    }
-
     /// Dot products of weight row `w` with activation rows `i0..i0 + take` (take ≤ 4).
     #[inline]
     fn dot(self, ty: QType, w: &[u8], a: &Acts, i0: usize, take: usize, out: &mut [f32; 4]) {
@@ -388,10 +332,12 @@ impl Kernel {
                     *o = scalar::dot(ty, w, a, i0 + k);
                 }
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 | Kernel::Vnni => unreachable!("x86 paths are never chosen elsewhere"),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 | Kernel::Vnni => {
                 let vnni = self == Kernel::Vnni;
-                // SAFETY: the features were detected at run time.
+                // SAFETY: `cpu` chose this path from the features detected at run time.
                 unsafe {
                     match take {
                         1 => x86::dot::<1>(vnni, ty, w, a, i0, out),

@@ -153,35 +153,58 @@ fn results_do_not_depend_on_the_batch() {
     }
 }
 
-/// The SIMD kernels compute the same integers as the scalar one; only the f32 summation
-/// order differs.
+/// The quantized-product paths this CPU has (whatever `EMLAB_KERNELS` caps), and a skip
+/// report for each it lacks.
+fn quant_paths(test: &str) -> Vec<Kernel> {
+    let f = crate::cpu::features();
+    let mut out = vec![Kernel::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if f.avx2 && f.fma && f.f16c {
+            out.push(Kernel::Avx2);
+        } else {
+            crate::testing::skip_path(test, "avx2", "no AVX2 on this CPU");
+        }
+        if f.avx2 && f.fma && f.f16c && f.avx512vnni && f.avx512vl {
+            out.push(Kernel::Vnni);
+        } else {
+            crate::testing::skip_path(test, "avx512_vnni", "no AVX-512 VNNI on this CPU");
+        }
+    }
+    let _ = f;
+    out
+}
+
+/// Every path computes the same integers as the scalar one; only the f32 summation order
+/// differs (bound: 1e-4 relative).
 #[test]
-fn simd_and_scalar_agree() {
+fn every_path_agrees_with_scalar() {
     let (rows, cols, n) = (16, 256, 3);
-    for ty in TYPES {
-        let m = matrix(ty, rows, cols, 5);
-        let a = Acts::quantize(&Lcg(6).vec(n * cols), cols);
-        let w = &m.bytes()[..m.row_bytes()];
-        let mut simd = [0f32; 4];
-        Kernel::detect().dot(ty, w, &a, 0, n, &mut simd);
-        for (i, v) in simd[..n].iter().enumerate() {
-            let s = scalar::dot(ty, w, &a, i);
-            assert!(
-                (s - v).abs() <= 1e-4 * s.abs().max(1.0),
-                "{ty:?}: {s} vs {v}"
-            );
+    for kern in quant_paths("kernels::every_path_agrees_with_scalar") {
+        for ty in TYPES {
+            let m = matrix(ty, rows, cols, 5);
+            let a = Acts::quantize(&Lcg(6).vec(n * cols), cols);
+            let w = &m.bytes()[..m.row_bytes()];
+            let mut simd = [0f32; 4];
+            kern.dot(ty, w, &a, 0, n, &mut simd);
+            for (i, v) in simd[..n].iter().enumerate() {
+                let s = scalar::dot(ty, w, &a, i);
+                assert!(
+                    (s - v).abs() <= 1e-4 * s.abs().max(1.0),
+                    "{kern:?} {ty:?}: {s} vs {v}"
+                );
+            }
         }
     }
 }
 
+/// VNNI and AVX2 run the same f32 sequence over the same integers: the same bits.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn vnni_and_avx2_give_the_same_bits() {
-    if Kernel::detect() != Kernel::Vnni {
-        return crate::testing::skip(
-            "kernels::vnni_and_avx2_give_the_same_bits",
-            "no AVX-512 VNNI on this CPU",
-        );
+    let paths = quant_paths("kernels::vnni_and_avx2_give_the_same_bits");
+    if !paths.contains(&Kernel::Vnni) || !paths.contains(&Kernel::Avx2) {
+        return;
     }
     let cols = 192;
     for ty in TYPES {
@@ -189,10 +212,12 @@ fn vnni_and_avx2_give_the_same_bits() {
         let a = Acts::quantize(&Lcg(9).vec(3 * cols), cols);
         for r in 0..4 {
             let w = &m.bytes()[r * m.row_bytes()..(r + 1) * m.row_bytes()];
-            let (mut v, mut x) = ([0f32; 4], [0f32; 4]);
-            Kernel::Vnni.dot(ty, w, &a, 0, 3, &mut v);
-            Kernel::Avx2.dot(ty, w, &a, 0, 3, &mut x);
-            assert_eq!(v, x, "{ty:?} row {r}");
+            for take in 1..=3 {
+                let (mut v, mut x) = ([0f32; 4], [0f32; 4]);
+                Kernel::Vnni.dot(ty, w, &a, 0, take, &mut v);
+                Kernel::Avx2.dot(ty, w, &a, 0, take, &mut x);
+                assert_eq!(v, x, "{ty:?} row {r} take {take}");
+            }
         }
     }
 }

@@ -286,3 +286,39 @@ pub fn run(ctx: &Ctx, cmd: BenchCmd) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `emlab cpu`: what this CPU has and which kernel path each family takes.
+pub fn cpu(ctx: &Ctx) -> Result<ExitCode> {
+    use emlab::util::machine;
+    let d = machine::describe();
+    let best = emlab_kernels::cpu::features().best().name();
+    let requested = match emlab_kernels::cpu::requested() {
+        Ok(Some(l)) => l.name().to_string(),
+        Ok(None) => "auto".to_string(),
+        Err(e) => format!("invalid ({e})"),
+    };
+    if ctx.json {
+        let mut v = d;
+        v["best"] = best.into();
+        v["requested"] = requested.into();
+        out_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let flags = d["flags"].as_array().map_or(String::new(), |f| {
+        f.iter()
+            .filter_map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    out(format!("cpu        {}", d["cpu"].as_str().unwrap_or("")))?;
+    out(format!("cores      {}", d["cores"]))?;
+    out(format!("flags      {flags}"))?;
+    out(format!("best       {best} (EMLAB_KERNELS: {requested})"))?;
+    for family in ["level", "quant", "f32", "bf16"] {
+        out(format!(
+            "{family:<10} {}",
+            d["kernels"][family].as_str().unwrap_or("")
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -112,6 +112,9 @@ pub enum Command {
     Compare(study::CompareArgs),
     /// A study's static HTML report with its figures, table and spec.
     Report(study::ReportArgs),
+    /// This CPU: its model, the extensions emlab's kernels use, and the kernel path each
+    /// family takes (`EMLAB_KERNELS=scalar|avx2|avx512|amx` caps them).
+    Cpu,
     /// The provenance of a record: its parents back to the source files and their BLAKE3.
     Lineage {
         /// Dataset name, id or id prefix.
@@ -139,7 +142,11 @@ pub fn run() -> Result<ExitCode> {
         store_dir: cli.store,
         json: cli.json,
     };
+    if !matches!(cli.command, Command::Cpu) {
+        emlab::util::machine::check_kernel_request()?;
+    }
     match cli.command {
+        Command::Cpu => bench::cpu(&ctx),
         Command::Store { cmd } => stats::run(&ctx, cmd),
         Command::Show(a) => show::run(&ctx, a),
         Command::Export(a) => export::run(&ctx, a),

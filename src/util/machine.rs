@@ -5,15 +5,7 @@ use serde_json::{json, Value as J};
 
 /// The CPU's model name (`/proc/cpuinfo`), or empty where it cannot be read.
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default()
+    emlab_kernels::cpu::model_name()
 }
 
 /// Threads available to this process.
@@ -21,9 +13,57 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
-/// CPU model, cores, OS and architecture, as stored in `bench.machine`.
+/// The kernel path each family takes in this process (`emlab_kernels::cpu`): `level`
+/// (the `EMLAB_KERNELS` cap in effect), `quant`, `f32` and `bf16` (the path `--bf16-base`
+/// products take, after AMX's start-up check; `none` where there is none).
+pub fn kernels() -> J {
+    use emlab_kernels::cpu::{self, Bf16Path};
+    let p = cpu::paths();
+    let mut m = serde_json::Map::new();
+    for (family, path) in p.names() {
+        m.insert(family.into(), json!(path));
+    }
+    let bf16 = match emlab_kernels::bf16::path() {
+        None => "none",
+        Some(Bf16Path::Avx512) => "avx512_bf16",
+        Some(Bf16Path::Amx) => "amx_bf16",
+    };
+    m.insert("bf16".into(), json!(bf16));
+    J::Object(m)
+}
+
+/// CPU model, its kernel-relevant extensions, the kernel paths that run, cores, OS and
+/// architecture, as stored in `bench.machine`.
 pub fn describe() -> J {
-    json!({"cpu": cpu_model(), "cores": cores(), "os": std::env::consts::OS, "arch": std::env::consts::ARCH})
+    json!({
+        "cpu": cpu_model(),
+        "flags": emlab_kernels::cpu::features().names(),
+        "kernels": kernels(),
+        "cores": cores(),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+    })
+}
+
+/// `EMLAB_KERNELS` names a level this CPU runs (or is unset): an error naming the variable
+/// and what the CPU has otherwise.
+pub fn check_kernel_request() -> anyhow::Result<()> {
+    use emlab_kernels::cpu;
+    let best = cpu::features().best();
+    match cpu::requested() {
+        Err(e) => Err(anyhow::anyhow!(
+            "{e}\nhint: unset it, or set it to one this CPU runs (up to {})",
+            best.name()
+        )),
+        Ok(Some(l)) if l > best => Err(anyhow::anyhow!(
+            "EMLAB_KERNELS={}: this CPU ({}) runs kernels up to {}\nhint: `emlab cpu` lists \
+             what it has; unset EMLAB_KERNELS to use the best",
+            l.name(),
+            cpu_model(),
+            best.name()
+        )),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// The git commit of the working directory, if it is a checkout.

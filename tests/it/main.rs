@@ -5,6 +5,7 @@ mod util;
 
 mod cli_output;
 mod compat;
+mod cpu;
 mod crash;
 mod datasets;
 mod direction;

@@ -1162,11 +1162,8 @@ fn bf16_base_matches_peft(
     r: &serde_json::Value,
 ) {
     use emlab::train::backprop::{loss_and_grads_merged, FrozenBf16};
-    if !FrozenBf16::available() {
-        return emlab_kernels::testing::skip(
-            "train::bf16_base_matches_peft",
-            "no AVX-512 BF16 on this CPU",
-        );
+    if !emlab_kernels::testing::need_bf16("train::bf16_base_matches_peft") {
+        return;
     }
     let frozen = FrozenBf16::new(model).unwrap();
     let o = PassOpts::new(b.targets() as f64);
@@ -1216,11 +1213,8 @@ fn bf16_base_matches_peft(
 #[test]
 fn bf16_base_products_keep_the_adapters_share() {
     use emlab::train::backprop::{loss_and_grads_merged, FrozenBf16};
-    if !FrozenBf16::available() {
-        return emlab_kernels::testing::skip(
-            "train::bf16_base_products_keep_the_adapters_share",
-            "no AVX-512 BF16 on this CPU",
-        );
+    if !emlab_kernels::testing::need_bf16("train::bf16_base_products_keep_the_adapters_share") {
+        return;
     }
     let model = random_model_in(tiny_config(64), 3, DType::F32).unwrap();
     let frozen = FrozenBf16::new(&model).unwrap();

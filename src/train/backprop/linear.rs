@@ -162,7 +162,10 @@ impl FrozenBf16 {
     pub fn new(model: &Model) -> Result<FrozenBf16> {
         if !bf16::available() || !model.device.is_cpu() {
             candle_core::bail!(
-                "bf16 base products need a CPU with AVX-512 BF16 (this one has none)"
+                "bf16 base products need a CPU with AVX-512 BF16 or AMX, on kernels at level \
+                 avx512 or amx (here: {}, kernels {}; `emlab cpu` says what it has)",
+                emlab_kernels::cpu::model_name(),
+                emlab_kernels::cpu::paths().level.name()
             )
         }
         let lins = model
