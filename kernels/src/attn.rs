@@ -108,36 +108,50 @@ pub fn attention(
     );
     let rep = heads / kv_heads;
     let avx2 = crate::has_avx2_fma();
-    // One task per (row, query token): its heads' outputs are contiguous in `out`.
-    let work = |(n, o): (usize, &mut [f32])| {
+    // Head `h` of query `n` (row `n / t`, token `n % t`) into `oh`; `scores` is scratch.
+    let one = |n: usize, h: usize, oh: &mut [f32], scores: &mut Vec<f32>| {
         let (b, i) = (n / t, n % t);
         let slot = start[b] + i;
         if slot < pad[b] {
-            o.fill(0.0);
+            oh.fill(0.0);
             return;
         }
-        let mut scores = vec![0f32; slot + 1 - pad[b]];
-        for h in 0..heads {
-            let kvh = h / rep;
-            let base = (b * kv_heads + kvh) * cap;
-            let qh = &q[(n * heads + h) * hd..(n * heads + h + 1) * hd];
-            let keys = &k[(base + pad[b]) * hd..(base + slot + 1) * hd];
-            let vals = &v[(base + pad[b]) * hd..(base + slot + 1) * hd];
-            let oh = &mut o[h * hd..(h + 1) * hd];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 and FMA were detected at run time.
-                unsafe { head_avx2(qh, keys, vals, scale, &mut scores, oh) };
-                continue;
-            }
-            let _ = avx2;
-            head(qh, keys, vals, scale, &mut scores, oh);
+        scores.clear();
+        scores.resize(slot + 1 - pad[b], 0.0);
+        let kvh = h / rep;
+        let base = (b * kv_heads + kvh) * cap;
+        let qh = &q[(n * heads + h) * hd..(n * heads + h + 1) * hd];
+        let keys = &k[(base + pad[b]) * hd..(base + slot + 1) * hd];
+        let vals = &v[(base + pad[b]) * hd..(base + slot + 1) * hd];
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: AVX2 and FMA were detected at run time.
+            unsafe { head_avx2(qh, keys, vals, scale, scores, oh) };
+            return;
+        }
+        let _ = avx2;
+        head(qh, keys, vals, scale, scores, oh);
+    };
+    // One task per (row, query token): its heads' outputs are contiguous in `out`.
+    let work = |(n, o): (usize, &mut [f32])| {
+        let mut scores = Vec::new();
+        for (h, oh) in o.chunks_mut(hd).enumerate() {
+            one(n, h, oh, &mut scores);
         }
     };
     let longest = start.iter().max().copied().unwrap_or(0) + t;
     let work_size = batch * t * heads * longest * hd;
     if work_size < 1 << 16 {
         out.chunks_mut(heads * hd).enumerate().for_each(work);
+    } else if batch * t == 1 {
+        // Decoding one sequence: its heads across the team. Each head's output is computed
+        // the same way whichever task runs it.
+        let dst = crate::SendPtr(out.as_mut_ptr());
+        crate::team::run(heads, &|h| {
+            // SAFETY: head `h`'s `hd` outputs are written by this task only.
+            let oh = unsafe { std::slice::from_raw_parts_mut(dst.get().add(h * hd), hd) };
+            one(0, h, oh, &mut Vec::new());
+        });
     } else {
         out.par_chunks_mut(heads * hd).enumerate().for_each(work);
     }

@@ -143,10 +143,14 @@ fn results_do_not_depend_on_the_batch() {
                 "{ty:?}: row {i} differs alone and in a batch of 9"
             );
         }
-        // Two rows: the four-weight-row shape decoding takes, with two activation rows.
+        // Two rows together give the bits they give in the batch of nine.
         let mut two = vec![0f32; 2 * rows];
         m.matmul(&x[3 * cols..5 * cols], &mut two);
-        assert_eq!(two[..], batch[3 * rows..5 * rows], "{ty:?}: rows 3, 4 as a batch of 2");
+        assert_eq!(
+            two[..],
+            batch[3 * rows..5 * rows],
+            "{ty:?}: rows 3, 4 as a batch of 2"
+        );
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
