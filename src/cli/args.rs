@@ -21,12 +21,18 @@ pub fn choice<E: Choice>() -> impl TypedValueParser<Value = E> {
     })
 }
 
-/// An OpenAI-compatible endpoint to send requests to.
+/// An OpenAI-compatible endpoint to send requests to, or a pool of them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EndpointArgs {
-    /// An OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.
+    /// An OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1. Repeat it for a pool of
+    /// servers serving the same model: each request goes to the one with the fewest in
+    /// flight, and a failing one cools down while the others take its requests.
     #[arg(long, requires = "model_name")]
-    pub endpoint: Option<String>,
+    pub endpoint: Vec<String>,
+    /// A pool from a TOML file: `[[endpoint]]` tables with `url` and optionally `model`,
+    /// `concurrency` and `api_key_env` (defaults: --model-name, --concurrency, --api-key-env).
+    #[arg(long, value_name = "FILE", conflicts_with = "endpoint")]
+    pub endpoints: Option<std::path::PathBuf>,
     /// The served model's name (with --endpoint).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -44,18 +50,85 @@ pub struct EndpointArgs {
     pub timeout: f64,
 }
 
+/// `--endpoints FILE`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolFile {
+    endpoint: Vec<PoolMember>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolMember {
+    url: String,
+    model: Option<String>,
+    concurrency: Option<usize>,
+    api_key_env: Option<String>,
+}
+
 impl EndpointArgs {
-    /// The endpoint, when `--endpoint` was given.
-    pub fn endpoint(&self) -> Option<Endpoint> {
-        let url = self.endpoint.clone()?;
-        Some(Endpoint {
+    fn one(
+        &self,
+        url: String,
+        model: Option<String>,
+        concurrency: Option<usize>,
+        key: Option<String>,
+    ) -> Endpoint {
+        Endpoint {
             base_url: url,
-            model: self.model_name.clone().unwrap_or_default(),
-            api_key_env: self.api_key_env.clone(),
-            concurrency: self.concurrency,
+            model: model
+                .or_else(|| self.model_name.clone())
+                .unwrap_or_default(),
+            api_key_env: key.or_else(|| self.api_key_env.clone()),
+            concurrency: concurrency.unwrap_or(self.concurrency),
             max_retries: self.max_retries,
             timeout_s: self.timeout,
-        })
+        }
+    }
+
+    /// The endpoints given (`--endpoint`, repeated, or `--endpoints FILE`); empty when none.
+    pub fn endpoints(&self) -> anyhow::Result<Vec<Endpoint>> {
+        use anyhow::Context;
+        let Some(path) = &self.endpoints else {
+            return Ok(self
+                .endpoint
+                .iter()
+                .map(|u| self.one(u.clone(), None, None, None))
+                .collect());
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: PoolFile = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not an endpoint pool: {e}\nhint: one [[endpoint]] table per server, with url = \"http://HOST:PORT/v1\" and optionally model, concurrency, api_key_env",
+                path.display()
+            )
+        })?;
+        if file.endpoint.is_empty() {
+            anyhow::bail!("{}: no [[endpoint]] tables", path.display());
+        }
+        let out: Vec<Endpoint> = file
+            .endpoint
+            .into_iter()
+            .map(|m| self.one(m.url, m.model, m.concurrency, m.api_key_env))
+            .collect();
+        if let Some(e) = out.iter().find(|e| e.model.is_empty()) {
+            anyhow::bail!(
+                "{}: endpoint {} names no model\nhint: give it model = \"NAME\" or pass --model-name",
+                path.display(),
+                e.base_url
+            );
+        }
+        Ok(out)
+    }
+
+    /// The one endpoint given, for verbs that take one; an error for a pool.
+    pub fn endpoint(&self) -> anyhow::Result<Option<Endpoint>> {
+        let mut all = self.endpoints()?;
+        if all.len() > 1 {
+            anyhow::bail!("this verb takes one endpoint, not a pool of {}", all.len());
+        }
+        Ok(all.pop())
     }
 }
 

@@ -293,7 +293,7 @@ pub fn run(ctx: &Ctx, cmd: DataCmd) -> Result<ExitCode> {
             max_tokens,
         } => {
             let endpoint = endpoint
-                .endpoint()
+                .endpoint()?
                 .context("`data generate` needs --endpoint and --model-name")?;
             let url = endpoint.base_url.clone();
             let store = ctx.open()?;

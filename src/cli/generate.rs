@@ -14,8 +14,8 @@ pub struct Args {
     /// A .gguf file or a Hugging Face model directory (or use --endpoint).
     #[arg(
         long,
-        required_unless_present = "endpoint",
-        conflicts_with = "endpoint"
+        required_unless_present_any = ["endpoint", "endpoints"],
+        conflicts_with_all = ["endpoint", "endpoints"]
     )]
     pub model: Option<PathBuf>,
     #[command(flatten)]
@@ -81,13 +81,18 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             b.set_position(done as u64);
         }
     };
-    let r = if let Some(endpoint) = a.endpoint.endpoint() {
+    let endpoints = a.endpoint.endpoints()?;
+    let r = if !endpoints.is_empty() {
         if !a.edits.spec().is_empty() {
             anyhow::bail!("--steer and --ablate edit a local model's residual stream: use --model, not --endpoint");
         }
-        let url = endpoint.base_url.clone();
+        let url = endpoints
+            .iter()
+            .map(|e| e.base_url.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let plan = EndpointGeneratePlan {
-            endpoint,
+            endpoints,
             questions: a.questions,
             samples: a.samples,
             params,
@@ -141,6 +146,7 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             r.completion_tokens_per_s,
             short(&r.model)
         ));
+        super::judge::note_endpoints(&r.endpoints);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -156,8 +156,8 @@ pub struct JudgeArgs {
     /// Judge offline with a local model (a .gguf file or an HF directory).
     #[arg(
         long,
-        required_unless_present = "endpoint",
-        conflicts_with = "endpoint"
+        required_unless_present_any = ["endpoint", "endpoints"],
+        conflicts_with_all = ["endpoint", "endpoints"]
     )]
     pub model: Option<PathBuf>,
     /// Only the generations of this model (its name, or an id prefix of its model record).
@@ -179,10 +179,16 @@ pub struct JudgeArgs {
 
 pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
     let store = ctx.open()?;
-    let (backend, what, default_name) = match (a.endpoint.endpoint(), &a.model) {
+    let endpoints = a.endpoint.endpoints()?;
+    let (backend, what, default_name) = match (endpoints.first(), &a.model) {
         (Some(e), _) => {
-            let (url, name) = (e.base_url.clone(), e.model.clone());
-            (JudgeBackend::Endpoint(e), url, name)
+            let url = endpoints
+                .iter()
+                .map(|e| e.base_url.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let name = e.model.clone();
+            (JudgeBackend::Endpoint(endpoints.clone()), url, name)
         }
         (None, Some(p)) => {
             let file = p
@@ -224,6 +230,7 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
             "{} judged, {} already judged, {} without a judge prompt, {} without a score, {} failed; {} requests",
             r.judged, r.already_judged, r.without_prompt, r.unscored, r.failed, r.requests_sent
         ));
+        note_endpoints(&r.endpoints);
     }
     if r.failed > 0 {
         anyhow::bail!(
@@ -233,4 +240,14 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line per endpoint of a pool: what it answered and how often it failed.
+pub fn note_endpoints(counts: &[emlab::endpoint::EndpointCount]) {
+    for c in counts {
+        note(format!(
+            "  {} ({}): {} requests, {} answered, {} failed",
+            c.url, c.model, c.requests, c.answered, c.errors
+        ));
+    }
 }

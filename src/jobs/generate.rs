@@ -14,7 +14,7 @@ use emlab_store::{Batch, Id, Record, Store, Value};
 use serde_json::{json, Value as J};
 
 use crate::data::{resolve_dataset, DataError};
-use crate::endpoint::{stream, Client, ClientError, Endpoint};
+use crate::endpoint::{stream, ClientError, Endpoint, EndpointCount, Pool};
 use crate::model::sample::{
     generate, generate_continuous, Output, Request, SamplingParams, Scheduler,
 };
@@ -110,6 +110,9 @@ pub struct GenerateReport {
     /// found stored and those drawn now).
     #[serde(skip)]
     pub generations: Vec<Id>,
+    /// What each endpoint of a pool did (endpoint pools only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointCount>,
 }
 
 /// One sample to draw.
@@ -566,7 +569,8 @@ pub fn run(
 /// Sampling through an OpenAI-compatible endpoint (a served model, a hosted fine-tune).
 #[derive(Debug, Clone)]
 pub struct EndpointGeneratePlan {
-    pub endpoint: Endpoint,
+    /// One endpoint, or a pool serving the same model (the first names it).
+    pub endpoints: Vec<Endpoint>,
     pub questions: String,
     pub samples: usize,
     pub params: SamplingParams,
@@ -582,11 +586,17 @@ pub fn run_endpoint(
     progress: Progress<'_>,
 ) -> Result<GenerateReport, GenerateError> {
     let (set_id, set) = question_set(store, &plan.questions)?;
-    let client = Client::new(plan.endpoint.clone())?;
-    let model_rec = ModelIdentity::endpoint(&plan.endpoint.base_url, &plan.endpoint.model).record();
-    let model_id = store.put(&model_rec)?;
+    let pool = Pool::new(&plan.endpoints)?;
+    let model_id = store.put(&endpoints_identity(&plan.endpoints).record())?;
     let params_json = json!({"engine": "openai-compatible", "temperature": plan.params.temperature, "top_p": plan.params.top_p, "max_tokens": plan.params.max_tokens});
-    let run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoint.base_url});
+    let mut run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoints[0].base_url});
+    if plan.endpoints.len() > 1 {
+        run_plan["endpoints"] = plan
+            .endpoints
+            .iter()
+            .map(|e| J::from(e.base_url.as_str()))
+            .collect();
+    }
     let run_id = store.put(&build::run("generate", &run_plan, [model_id, set_id]))?;
     // The server renders the template: nothing to render or count here.
     let (jobs, mut found) = plan_samples(
@@ -615,7 +625,7 @@ pub fn run_endpoint(
     let streamed = stream::run(
         store,
         jobs,
-        plan.endpoint.concurrency,
+        pool.concurrency(),
         |j: &Job| {
             let msgs: Vec<J> = j
                 .messages
@@ -625,7 +635,7 @@ pub fn run_endpoint(
             // `max_tokens`, not `max_completion_tokens`: what OpenAI-compatible servers
             // such as llama.cpp and vLLM accept.
             let body = json!({"messages": msgs, "max_tokens": plan.params.max_tokens, "temperature": plan.params.temperature, "top_p": plan.params.top_p, "seed": j.seed});
-            client.chat(body)
+            pool.chat(body)
         },
         |batch: &mut Batch, j: Job, resp: J| -> Result<(), GenerateError> {
             let usage = &resp["usage"];
@@ -658,6 +668,7 @@ pub fn run_endpoint(
     )?;
     report.generated = streamed.ok;
     report.generations = found.into_iter().flatten().collect();
+    report.endpoints = record_endpoint_counts(store, run_id, &pool)?;
     report.prompt_tokens = prompt_tokens;
     report.completion_tokens = completion_tokens;
     report.seconds = start.elapsed().as_secs_f64();
@@ -669,4 +680,34 @@ pub fn run_endpoint(
         return Err(GenerateError::Client(e));
     }
     Ok(report)
+}
+
+/// The model a list of endpoints serves: one endpoint is named by its URL and served model
+/// (as always); a pool by its served model names alone, so that servers can join or leave
+/// between runs without changing what was asked (and a rerun finds what is stored).
+pub fn endpoints_identity(endpoints: &[Endpoint]) -> ModelIdentity {
+    if let [one] = endpoints {
+        return ModelIdentity::endpoint(&one.base_url, &one.model);
+    }
+    let mut names: Vec<&str> = endpoints.iter().map(|e| e.model.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    ModelIdentity::endpoint("pool", &names.join(","))
+}
+
+/// Store what each endpoint of a pool did in run `run` as a `run` record of kind
+/// `endpoints` (its input: the run), and return the counts. Nothing for a single endpoint
+/// (its counts are the run's) or when nothing was sent (a rerun that found all stored).
+pub fn record_endpoint_counts(
+    store: &Store,
+    run: Id,
+    pool: &Pool,
+) -> Result<Vec<EndpointCount>, emlab_store::Error> {
+    let counts = pool.counts();
+    if counts.len() < 2 || counts.iter().all(|c| c.requests == 0) {
+        return Ok(Vec::new());
+    }
+    let plan = json!({"endpoints": counts, "time": crate::util::time::now_rfc3339()});
+    store.put(&build::run("endpoints", &plan, [run]))?;
+    Ok(counts)
 }

@@ -20,7 +20,7 @@ use serde_json::{json, Value as J};
 
 use crate::data::{resolve_dataset, DataError};
 use crate::endpoint::client::{content, first_token_top_logprobs};
-use crate::endpoint::{stream, Client, ClientError, Endpoint};
+use crate::endpoint::{stream, ClientError, Endpoint, EndpointCount, Pool};
 use crate::judge::prompt::fill;
 use crate::judge::score::aggregate;
 use crate::model::chat::LocalChat;
@@ -63,8 +63,9 @@ impl Hint for JudgeError {
 /// Who answers the judge prompts.
 #[derive(Debug, Clone)]
 pub enum JudgeBackend {
-    /// An OpenAI-compatible endpoint (logprobs needed for the logprob judge).
-    Endpoint(Endpoint),
+    /// An OpenAI-compatible endpoint, or a pool of them serving the judge model (logprobs
+    /// needed for the logprob judge).
+    Endpoint(Vec<Endpoint>),
     /// A local model (GGUF or HF directory), answering offline with its own logprobs.
     Local(PathBuf),
 }
@@ -99,6 +100,10 @@ pub struct JudgeReport {
     /// The judgment records of every planned request that is stored (found or made now).
     #[serde(skip)]
     pub judgments: Vec<Id>,
+    /// What each endpoint of a pool did (endpoint pools only; also stored as a `run` record
+    /// of kind `endpoints`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointCount>,
 }
 
 struct Job {
@@ -384,17 +389,28 @@ pub fn run(
     };
     let mut on_progress = |done: usize| progress(already + done, planned);
     let (streamed, requests_sent) = match &plan.backend {
-        JudgeBackend::Endpoint(endpoint) => {
-            let client = Client::new(endpoint.clone())?;
+        JudgeBackend::Endpoint(endpoints) => {
+            let pool = Pool::new(endpoints)?;
             let r = stream::run(
                 store,
                 jobs,
-                endpoint.concurrency,
-                |job: &Job| client.chat(job.body()),
+                pool.concurrency(),
+                |job: &Job| pool.chat(job.body()),
                 &mut sink,
                 &mut on_progress,
             )?;
-            (r, client.requests_sent())
+            if endpoints.len() > 1 {
+                let urls: Vec<&str> = endpoints.iter().map(|e| e.base_url.as_str()).collect();
+                let plan_rec = crate::provenance::build::run(
+                    "judge",
+                    &serde_json::json!({"judge": plan.judge, "endpoints": urls}),
+                    [],
+                );
+                let run = store.put(&plan_rec)?;
+                report.endpoints =
+                    crate::jobs::generate::record_endpoint_counts(store, run, &pool)?;
+            }
+            (r, pool.requests_sent())
         }
         JudgeBackend::Local(path) => {
             let local = LocalChat::load(path)?;

@@ -17,11 +17,11 @@ pub struct FakeServer {
     auth_seen: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-fn respond(mut s: TcpStream, status: &str, body: &str) {
+pub fn respond(mut s: TcpStream, status: &str, body: &str) {
     let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
 }
 
-fn completion(req: &serde_json::Value) -> String {
+pub fn completion(req: &serde_json::Value) -> String {
     let prompt = req["messages"]
         .as_array()
         .and_then(|m| m.last())
@@ -63,7 +63,7 @@ fn completion(req: &serde_json::Value) -> String {
 }
 
 /// One HTTP request from `stream`: its `Authorization` header lines and its body.
-fn read_request(stream: &TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
+pub fn read_request(stream: &TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut len = 0;
     let mut auth = Vec::new();

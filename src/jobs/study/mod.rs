@@ -1029,7 +1029,7 @@ impl Exec<'_> {
                     ModelRef::Endpoint { endpoint, .. } => generate::run_endpoint(
                         x.store,
                         &EndpointGeneratePlan {
-                            endpoint: endpoint.clone(),
+                            endpoints: vec![endpoint.clone()],
                             questions: q,
                             samples,
                             params: sampling,
@@ -1057,7 +1057,7 @@ impl Exec<'_> {
                 ),
             ),
             ModelRef::Endpoint { endpoint, .. } => (
-                JudgeBackend::Endpoint(endpoint.clone()),
+                JudgeBackend::Endpoint(vec![endpoint.clone()]),
                 endpoint.model.clone(),
             ),
         };
