@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs emlab's tests. Installs what they need when it is missing: the DuckDB CLI and
 # llama-cpp-python's OpenAI-compatible server from PyPI (the server built from source, about
-# 7 minutes the first time; pip caches the wheel), Debian's chromium (the report test), and
+# 7 minutes the first time; pip caches the wheel), moto's S3 server with DuckDB 1.4.4 and
+# httpfs in .cache/s3-venv, Debian's chromium (the report test), and
 # the small real model (scripts/fetch-model.sh). Expects
 # ../shared/data beside the repository for the real-data tests.
 # Ends with one line totalling every test binary's results, skipped tests included (a test of a
@@ -14,6 +15,13 @@ fi
 if ! python3 -c "import llama_cpp.server" >/dev/null 2>&1; then
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
     python3 -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+fi
+# A local S3 (moto's server) and DuckDB 1.4.4 with its httpfs extension from PyPI, in their
+# own virtual environment, for the object-storage export tests (duckdb-cli 1.5 cannot load
+# httpfs offline).
+if ! .cache/s3-venv/bin/python -c "import duckdb, boto3, moto" >/dev/null 2>&1; then
+  python3 -m venv .cache/s3-venv
+  .cache/s3-venv/bin/pip install --quiet "moto[server]" "duckdb==1.4.4" "duckdb-ext-httpfs==1.4.4.*" boto3
 fi
 # Debian's Chromium opens the study report in a test.
 if ! command -v chromium >/dev/null 2>&1; then

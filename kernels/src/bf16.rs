@@ -132,7 +132,7 @@ pub(crate) fn gemm_on(path: Bf16Path, a: &[f32], b: &PackedB, c: &mut [f32]) {
 }
 
 /// The path [`gemm`] takes: the CPU's ([`crate::cpu`]), except that AMX must first pass a
-/// check against the AVX-512 BF16 path on a small product (run once, see [`amx::trusted`]);
+/// check against the AVX-512 BF16 path on a small product (run once);
 /// where it does not, this process uses AVX-512 BF16 and says so on stderr.
 pub fn path() -> Option<Bf16Path> {
     match crate::cpu::paths().bf16 {

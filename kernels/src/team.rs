@@ -5,7 +5,7 @@
 //! sleep between them and each product wakes it again through the kernel (perf: about 12%
 //! of batch-1 decoding's samples in the scheduler, and the second thread added only a
 //! quarter to one thread's speed). Here the helpers spin on an atomic counter between loops
-//! for a short while ([`SPIN`]) and only then park, the way llama.cpp's thread pool waits;
+//! for a short while (`SPIN`) and only then park, the way llama.cpp's thread pool waits;
 //! the caller takes items too.
 //!
 //! Which thread runs an item never changes what the item computes, so results are the same

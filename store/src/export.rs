@@ -4,9 +4,10 @@
 //!
 //! Export is incremental: `<out>/_emlab_export.json` holds, per table, the sequence number of
 //! the last record exported, and each run writes only newer records. Files are written under a
-//! temporary name and renamed into place, and the state file is replaced last, so a crash leaves
-//! either the old state (the next run rewrites the same `part=` file, a superset, over it) or
-//! the new one; no reader ever sees half a file.
+//! temporary name and published whole (renamed into place; on an object store, one put), and
+//! the state file is replaced last, so a crash leaves either the old state (the next run
+//! rewrites the same `part=` file, a superset, over it) or the new one; no reader ever sees
+//! half a file. [`ExportTarget`] is where files go: [`LocalDir`] here.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -60,63 +61,124 @@ pub struct ExportReport {
     pub files: Vec<String>,
 }
 
-/// Export every record not yet exported to `out`.
+/// Where an export's files go: a local directory ([`LocalDir`]), or an object store (emlab's
+/// `export --to URL`). Files are written locally first (`scratch`) and then published whole,
+/// so no reader sees half a file; the state file is replaced last.
+pub trait ExportTarget {
+    /// A local directory for files before they are published.
+    fn scratch(&self) -> &Path;
+    /// The state file's bytes, if there is one.
+    fn read_state(&mut self) -> Result<Option<Vec<u8>>>;
+    /// Whether `table` has a folder already (an earlier export wrote it).
+    fn has_table(&mut self, table: &str) -> Result<bool>;
+    /// Publish the file at `local` (in `scratch`) as `rel` (`<table>/part=<n>/data.parquet`),
+    /// replacing what is there; returns where it went, for messages.
+    fn publish(&mut self, local: &Path, rel: &str) -> Result<String>;
+    /// Replace the state file.
+    fn write_state(&mut self, bytes: &[u8]) -> Result<()>;
+}
+
+/// A local export directory: files are renamed into place (atomic on one filesystem).
+pub struct LocalDir {
+    out: std::path::PathBuf,
+}
+
+impl LocalDir {
+    pub fn new(out: &Path) -> Result<LocalDir> {
+        fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        Ok(LocalDir {
+            out: out.to_path_buf(),
+        })
+    }
+}
+
+impl ExportTarget for LocalDir {
+    fn scratch(&self) -> &Path {
+        &self.out
+    }
+
+    fn read_state(&mut self) -> Result<Option<Vec<u8>>> {
+        let path = self.out.join(STATE_FILE);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    fn has_table(&mut self, table: &str) -> Result<bool> {
+        Ok(self.out.join(table).exists())
+    }
+
+    fn publish(&mut self, local: &Path, rel: &str) -> Result<String> {
+        let dest = self.out.join(rel);
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        rename_durably(local, &dest)?;
+        Ok(dest.display().to_string())
+    }
+
+    fn write_state(&mut self, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.out.join(STATE_FILE), bytes)
+    }
+}
+
+/// Export every record not yet exported to the directory `out`.
 pub fn export(store: &Store, out: &Path) -> Result<ExportReport> {
-    fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let state_path = out.join(STATE_FILE);
-    let mut state: BTreeMap<String, u64> = match fs::read(&state_path) {
-        Ok(bytes) => {
+    export_to(store, &mut LocalDir::new(out)?)
+}
+
+/// Export every record not yet exported to `target`, incrementally (see the module docs).
+pub fn export_to(store: &Store, target: &mut dyn ExportTarget) -> Result<ExportReport> {
+    let mut state: BTreeMap<String, u64> = match target.read_state()? {
+        Some(bytes) => {
             let v: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| Error::Export {
                     table: "*".into(),
-                    message: format!("{}: {e}", state_path.display()),
+                    message: format!("{STATE_FILE}: {e}"),
                 })?;
             serde_json::from_value(v["tables"].clone()).unwrap_or_default()
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-        Err(e) => return Err(Error::io(&state_path, e)),
+        None => BTreeMap::new(),
     };
     let mut report = ExportReport::default();
+    let tmp = target.scratch().join(".data.parquet.tmp");
     for def in store.tables() {
         let last = state.get(def.name).copied().unwrap_or(0);
         let ids = store.ids_in_table(def.name, last)?;
-        let table_dir = out.join(def.name);
-        let first_time = !table_dir.exists();
+        let first_time = !target.has_table(def.name)?;
         if ids.is_empty() && !first_time {
             continue;
         }
         // An empty table still gets one (empty) file, so queries over it find its schema.
         let first_seq = ids.first().map(|(s, _)| *s).unwrap_or(0);
-        let part_dir = table_dir.join(format!("part={first_seq:012}"));
-        fs::create_dir_all(&part_dir).map_err(|e| Error::io(&part_dir, e))?;
-        let file = part_dir.join("data.parquet");
-        let tmp = part_dir.join(".data.parquet.tmp");
+        let rel = format!("{}/part={first_seq:012}/data.parquet", def.name);
         write_parquet(store, def, &ids, &tmp)?;
-        rename_durably(&tmp, &file)?;
+        let file = target.publish(&tmp, &rel)?;
         report.rows.insert(def.name.to_string(), ids.len() as u64);
-        report.files.push(file.display().to_string());
+        report.files.push(file);
         if let Some((s, _)) = ids.last() {
             state.insert(def.name.to_string(), *s);
         }
     }
-    write_aliases(store, out)?;
+    write_aliases(store, &tmp)?;
     report
         .files
-        .push(out.join("alias/data.parquet").display().to_string());
+        .push(target.publish(&tmp, "alias/data.parquet")?);
     let body = serde_json::json!({"format": 1, "tables": state});
-    write_atomic(&state_path, format!("{body:#}\n").as_bytes())?;
+    target.write_state(format!("{body:#}\n").as_bytes())?;
     Ok(report)
 }
 
 /// Names are mutable, so they are not records: each export writes a fresh snapshot of all of
-/// them to `<out>/alias/data.parquet` (namespace, name, id), replacing the previous one.
-fn write_aliases(store: &Store, out: &Path) -> Result<()> {
+/// them to `<out>/alias/data.parquet` (namespace, name, id), replacing the previous one. Here:
+/// into `path`, to be published.
+fn write_aliases(store: &Store, path: &Path) -> Result<()> {
     let err = |m: String| Error::Export {
         table: "alias".into(),
         message: m,
     };
-    let dir = out.join("alias");
-    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let (mut ns, mut name, mut id) = (
         StringBuilder::new(),
         StringBuilder::new(),
@@ -138,14 +200,11 @@ fn write_aliases(store: &Store, out: &Path) -> Result<()> {
         Arc::new(id.finish()),
     ];
     let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| err(e.to_string()))?;
-    let tmp = dir.join(".data.parquet.tmp");
-    let file = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = ArrowWriter::try_new(file, schema, None).map_err(|e| err(e.to_string()))?;
     w.write(&batch).map_err(|e| err(e.to_string()))?;
     let file = w.into_inner().map_err(|e| err(e.to_string()))?;
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    let dest = dir.join("data.parquet");
-    rename_durably(&tmp, &dest)
+    file.sync_all().map_err(|e| Error::io(path, e))
 }
 
 fn write_parquet(store: &Store, def: &TableDef, ids: &[(u64, Id)], path: &Path) -> Result<()> {

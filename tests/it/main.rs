@@ -18,6 +18,7 @@ mod local_judge;
 mod mask;
 mod model;
 pub mod model_tiny;
+mod objstore;
 mod pool;
 mod probe;
 mod sampling;
