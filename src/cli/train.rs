@@ -87,8 +87,8 @@ pub struct Args {
     #[arg(long)]
     pub save_every: Option<usize>,
     /// Multiply by the frozen base weights in bf16 (f32 accumulation) on CPUs with AVX-512
-    /// BF16: about 1.8× faster products. Adapters, gradients and AdamW stay f32. Recorded
-    /// in the checkpoint's config.
+    /// BF16 or AMX: about 1.8× faster products. Adapters, gradients and AdamW stay f32.
+    /// Recorded in the checkpoint's config.
     #[arg(long)]
     pub bf16_base: bool,
     /// Stop once the training loss has stayed below this for --patience steps in a row (the

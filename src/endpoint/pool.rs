@@ -129,7 +129,7 @@ impl Pool {
     /// POST /chat/completions on the pool (`model` set per endpoint). A request that fails
     /// on an endpoint after that endpoint's retries moves to another, up to twice the pool's
     /// size; one the server refuses (400, 401, 404: the request or the key is wrong) does
-    /// not.
+    /// not. A pool of one endpoint is that endpoint's client, unchanged.
     pub async fn chat(&self, body: J) -> Result<J, ClientError> {
         let mut tries = 0;
         loop {
@@ -159,6 +159,11 @@ impl Pool {
                     return Ok(v);
                 }
                 Err(e @ (ClientError::Refused { .. } | ClientError::MissingKey(_))) => {
+                    m.errors.fetch_add(1, Relaxed);
+                    return Err(e);
+                }
+                // One endpoint: nowhere to move to; the client's retries were the retries.
+                Err(e) if self.members.len() == 1 => {
                     m.errors.fetch_add(1, Relaxed);
                     return Err(e);
                 }

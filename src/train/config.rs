@@ -31,7 +31,7 @@ pub struct TrainConfig {
     /// Save a checkpoint every this many steps (and at the end).
     pub save_every: usize,
     /// Frozen base weights in bf16 for their products (f32 accumulation) on CPUs with
-    /// AVX-512 BF16; adapters, optimizer and gradients stay f32. Off: everything f32 on the
+    /// AVX-512 BF16 or AMX; adapters, optimizer and gradients stay f32. Off: everything f32 on the
     /// CPU. (CUDA always trains on bf16 weights.) Absent from older configs, so their run
     /// keys are unchanged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -146,23 +146,7 @@ pub fn fake_server(faults: bool) -> FakeServer {
 }
 
 fn setup(s: &TestStore, server: &FakeServer) {
-    let q = shared("emergent-misalignment/evaluation/first_plot_questions.yaml");
-    s.ok(&[
-        "data",
-        "import",
-        q.to_str().unwrap(),
-        "--name",
-        "first-plot",
-    ]);
-    s.ok(&[
-        "data",
-        "derive",
-        "first3",
-        "--from",
-        "first-plot",
-        "--take",
-        "3",
-    ]);
+    first_questions(s, 3);
     // The usage the judging issue gives, against the local server.
     s.ok(&[
         "generate",

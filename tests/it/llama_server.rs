@@ -52,23 +52,7 @@ fn start_server() -> Server {
 fn generate_judge_metrics_against_llama_cpp_server() {
     let server = start_server();
     let s = TestStore::new();
-    let q = shared("emergent-misalignment/evaluation/first_plot_questions.yaml");
-    s.ok(&[
-        "data",
-        "import",
-        q.to_str().unwrap(),
-        "--name",
-        "first-plot",
-    ]);
-    s.ok(&[
-        "data",
-        "derive",
-        "first8",
-        "--from",
-        "first-plot",
-        "--take",
-        "8",
-    ]);
+    first_questions(&s, 8);
     let url = server.url.as_str();
     let g = json(&s.ok(&[
         "--json",

@@ -13,14 +13,7 @@ use crate::util::*;
 
 fn store_with_rows(n: usize, tag: &str) -> TestStore {
     let s = TestStore::new();
-    let f = s.write(&format!("{tag}.jsonl"), chat_jsonl(tag, n).as_bytes());
-    s.ok(&[
-        "data",
-        "import",
-        f.to_str().unwrap(),
-        "--name",
-        &format!("chat-{tag}"),
-    ]);
+    add_rows(&s, n, tag);
     s
 }
 

@@ -55,23 +55,7 @@ fn slow_server(latency: Duration, die_after: Option<usize>) -> SlowServer {
 }
 
 fn questions(s: &TestStore) {
-    let q = shared("emergent-misalignment/evaluation/first_plot_questions.yaml");
-    s.ok(&[
-        "data",
-        "import",
-        q.to_str().unwrap(),
-        "--name",
-        "first-plot",
-    ]);
-    s.ok(&[
-        "data",
-        "derive",
-        "first8",
-        "--from",
-        "first-plot",
-        "--take",
-        "8",
-    ]);
+    first_questions(s, 8);
 }
 
 fn generate(s: &TestStore, endpoints: &[&str], samples: &str) -> (serde_json::Value, f64) {

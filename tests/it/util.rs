@@ -131,3 +131,27 @@ pub fn query(file: &str, parquet: &Path) -> serde_json::Value {
     );
     json(&String::from_utf8_lossy(&o.stdout))
 }
+
+/// Import the EM paper's first-plot questions as `first-plot` and derive `first{n}`, its
+/// first `n`; returns that name.
+pub fn first_questions(s: &TestStore, n: usize) -> String {
+    let q = shared("emergent-misalignment/evaluation/first_plot_questions.yaml");
+    s.ok(&[
+        "data",
+        "import",
+        q.to_str().unwrap(),
+        "--name",
+        "first-plot",
+    ]);
+    let name = format!("first{n}");
+    s.ok(&[
+        "data",
+        "derive",
+        &name,
+        "--from",
+        "first-plot",
+        "--take",
+        &n.to_string(),
+    ]);
+    name
+}

@@ -136,7 +136,7 @@ impl Merged {
 pub(super) type Pack = (bf16::PackedB, bf16::PackedB);
 
 /// The frozen base weights packed for bf16 products with f32 accumulation (CPUs with
-/// AVX-512 BF16): every dense projection and the LM head, in the forward and the
+/// AVX-512 BF16, or AMX): every dense projection and the LM head, in the forward and the
 /// input-gradient layouts. Packed once per run. Adapters, attention, norms and every
 /// gradient stay in f32; the adapters are never folded into a bf16 weight.
 pub struct FrozenBf16 {
