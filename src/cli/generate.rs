@@ -14,7 +14,7 @@ pub struct Args {
     /// A .gguf file or a Hugging Face model directory (or use --endpoint).
     #[arg(
         long,
-        required_unless_present_any = ["endpoint", "endpoints"],
+        required_unless_present_any = ["endpoint", "endpoints", "checkpoint"],
         conflicts_with_all = ["endpoint", "endpoints"]
     )]
     pub model: Option<PathBuf>,
@@ -52,8 +52,9 @@ pub struct Args {
     pub adapter: Option<PathBuf>,
     /// A checkpoint from `emlab train` (id or prefix): its adapter, applied to --model
     /// alongside the base weights (on quantized weights its share is added into each block
-    /// product), or merged into them with --merge-adapter.
-    #[arg(long, requires = "model")]
+    /// product), or merged into them with --merge-adapter. A hosted checkpoint (`train
+    /// --backend openai`) is sampled through its API instead: leave --model out.
+    #[arg(long)]
     pub checkpoint: Option<String>,
     /// Merge the adapter into the base weights before sampling (dense weights: 4x the
     /// memory of Q4 blocks, and slower on the CPU).
@@ -81,7 +82,28 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             b.set_position(done as u64);
         }
     };
-    let endpoints = a.endpoint.endpoints()?;
+    let mut endpoints = a.endpoint.endpoints()?;
+    // A hosted checkpoint: its fine-tuned model, through its API.
+    let mut hosted = None;
+    if let (Some(c), None) = (&a.checkpoint, &a.model) {
+        let ck = emlab::train::checkpoint::resolve(&store, c)?;
+        let mut e = emlab::hosted::checkpoint_endpoint(&store, ck)?.with_context(|| {
+            format!(
+                "checkpoint {c} has a local adapter: sample it with --model BASE --checkpoint {c}"
+            )
+        })?;
+        if let Some(other) = endpoints.first() {
+            e.base_url = other.base_url.clone();
+        }
+        if let Some(k) = &a.endpoint.api_key_env {
+            e.api_key_env = Some(k.clone());
+        }
+        e.concurrency = a.endpoint.concurrency;
+        e.max_retries = a.endpoint.max_retries;
+        e.timeout_s = a.endpoint.timeout;
+        endpoints = vec![e];
+        hosted = Some(ck);
+    }
     let r = if !endpoints.is_empty() {
         if !a.edits.spec().is_empty() {
             anyhow::bail!("--steer and --ablate edit a local model's residual stream: use --model, not --endpoint");
@@ -98,6 +120,7 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
             params,
             system: a.system,
             seed: a.seed,
+            checkpoint: hosted,
         };
         run_endpoint(&store, &plan, &mut progress)
             .with_context(|| format!("generating through {url}"))?

@@ -17,9 +17,47 @@ use super::{note, out, out_json, progress_bar, short, Ctx};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base model: a .gguf file or a Hugging Face model directory.
+    /// Base model: a .gguf file or a Hugging Face model directory (--backend local).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// `local`: LoRA with Candle on this machine. `openai`: a hosted fine-tuning API (OpenAI's
+    /// or one speaking its protocol): the dataset is checked, uploaded and trained there, and
+    /// the checkpoint names the fine-tuned model (`ft:...`). A rerun follows the same job.
+    #[arg(long, default_value = "local", value_parser = ["local", "openai"])]
+    pub backend: String,
+    /// --backend openai: the API's base URL.
+    #[arg(long, default_value = emlab::hosted::DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// --backend openai: the model to fine-tune, e.g. gpt-4o-2024-08-06 (with --from: the
+    /// parent's `ft:` model, which may be left out).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// --backend openai: a validation dataset (name or id), uploaded beside the training file.
+    #[arg(long)]
+    pub validation: Option<String>,
+    /// --backend openai: the learning-rate multiplier (the EM paper: 2).
+    #[arg(long)]
+    pub lr_multiplier: Option<f64>,
+    /// --backend openai: a suffix for the fine-tuned model's name.
+    #[arg(long)]
+    pub suffix: Option<String>,
+    /// --backend openai: the environment variable holding the API key (never stored or logged).
+    #[arg(long, default_value = emlab::hosted::DEFAULT_KEY_ENV)]
+    pub api_key_env: String,
+    /// --backend openai: seconds between polls of a running job (backing off to ten times
+    /// that while nothing changes).
+    #[arg(long, default_value_t = 30.0)]
+    pub poll_interval: f64,
+    /// --backend openai: start a new job when the last one for the same request failed or was
+    /// cancelled (without it, a rerun reports the failure).
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// --backend openai: retries of a request that failed in a way worth retrying.
+    #[arg(long, default_value_t = emlab::endpoint::Endpoint::DEFAULT_MAX_RETRIES)]
+    pub max_retries: u32,
+    /// --backend openai: seconds before a request is abandoned (and retried).
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
     /// Training dataset (name or id).
     #[arg(long)]
     pub data: String,
@@ -146,7 +184,7 @@ impl Args {
         }
         .apply(self.preset);
         TrainPlan {
-            model: self.model.clone(),
+            model: self.model.clone().unwrap_or_default(),
             data: self.data.clone(),
             eval: self.eval.clone(),
             eval_every: self.eval_every,
@@ -159,9 +197,116 @@ impl Args {
             }),
         }
     }
+
+    /// Options that belong to the other backend, named as on the command line.
+    fn misplaced(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.backend == "openai" {
+            let local = [
+                (self.model.is_some(), "--model"),
+                (self.eval.is_some(), "--eval (use --validation)"),
+                (self.lr.is_some(), "--lr (use --lr-multiplier)"),
+                (self.r.is_some(), "--r"),
+                (self.max_steps.is_some(), "--max-steps"),
+                (self.kl_data.is_some(), "--kl-data"),
+                (self.bf16_base, "--bf16-base"),
+            ];
+            v.extend(local.iter().filter(|(set, _)| *set).map(|(_, n)| *n));
+        } else {
+            let hosted = [
+                (self.model_name.is_some(), "--model-name"),
+                (self.validation.is_some(), "--validation (use --eval)"),
+                (self.lr_multiplier.is_some(), "--lr-multiplier (use --lr)"),
+                (self.suffix.is_some(), "--suffix"),
+                (self.retry_failed, "--retry-failed"),
+                (
+                    self.endpoint != emlab::hosted::DEFAULT_ENDPOINT,
+                    "--endpoint",
+                ),
+            ];
+            v.extend(hosted.iter().filter(|(set, _)| *set).map(|(_, n)| *n));
+        }
+        v
+    }
+
+    pub fn hosted_plan(&self) -> emlab::hosted::HostedPlan {
+        emlab::hosted::HostedPlan {
+            endpoint: self.endpoint.clone(),
+            api_key_env: self.api_key_env.clone(),
+            base: self.model_name.clone(),
+            data: self.data.clone(),
+            validation: self.validation.clone(),
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr_multiplier: self.lr_multiplier,
+            seed: self.seed,
+            suffix: self.suffix.clone(),
+            from: self.from.clone(),
+            retry_failed: self.retry_failed,
+            poll_interval: self.poll_interval,
+            max_retries: self.max_retries,
+            timeout_s: self.timeout,
+        }
+    }
+}
+
+fn run_hosted(ctx: &Ctx, a: &Args) -> Result<ExitCode> {
+    let store = ctx.open()?;
+    let plan = a.hosted_plan();
+    let json = ctx.json;
+    let mut say = |m: &str| {
+        if !json {
+            note(m);
+        }
+    };
+    let r = emlab::hosted::run(&store, &plan, &mut say).with_context(|| {
+        format!(
+            "fine-tuning `{}` through {}",
+            plan.data,
+            plan.endpoint.trim_end_matches('/')
+        )
+    })?;
+    if ctx.json {
+        out_json(&r)?;
+    } else {
+        out(&r.checkpoint)?;
+        let mut msg = if r.already_stored {
+            format!("already stored: job {} -> {}", r.job, r.fine_tuned_model)
+        } else {
+            format!(
+                "job {} ({}) -> {}; {} steps; files: {} uploaded, {} reused; {} requests",
+                r.job,
+                if r.created_job { "created" } else { "followed" },
+                r.fine_tuned_model,
+                r.steps,
+                r.uploaded_files,
+                r.reused_files,
+                r.requests
+            )
+        };
+        if let Some(l) = r.final_loss {
+            msg += &format!("; final loss {l:.4}");
+        }
+        note(msg);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run_train(ctx: &Ctx, a: Args) -> Result<ExitCode> {
+    let wrong = a.misplaced();
+    if !wrong.is_empty() {
+        anyhow::bail!(
+            "{} do not apply to --backend {}",
+            wrong.join(", "),
+            a.backend
+        );
+    }
+    if a.backend == "openai" {
+        return run_hosted(ctx, &a);
+    }
+    if a.model.is_none() {
+        anyhow::bail!("--model (the base model: a .gguf file or a Hugging Face folder) is required; --backend openai fine-tunes through an API instead");
+    }
     let store = ctx.open()?;
     let plan = a.plan();
     let bar = progress_bar(

@@ -270,6 +270,44 @@ impl Client {
         })
     }
 
+    /// async-openai's client over emlab's transport, for the APIs other than chat (files,
+    /// fine-tuning, batches): every attempt is counted and retried by the same policy.
+    pub fn api(&self) -> &async_openai::Client<OpenAIConfig> {
+        &self.inner
+    }
+
+    /// An error of a call to `path` made through [`Client::api`], named by its URL.
+    pub fn api_error(&self, path: &str, e: OpenAIError) -> ClientError {
+        let url = self.endpoint.url(path);
+        match e {
+            OpenAIError::Reqwest(e) if e.is_connect() => ClientError::Unreachable {
+                url,
+                msg: truncate(&e.to_string()),
+                attempts: self.requests_sent() as u32,
+            },
+            OpenAIError::ApiError(a)
+                if classify_status(a.status_code.as_u16(), None) != Outcome::Done =>
+            {
+                ClientError::Failed {
+                    url,
+                    msg: truncate(&a.to_string()),
+                    attempts: self.policy.max_retries + 1,
+                }
+            }
+            OpenAIError::Reqwest(e) if !(e.is_builder() || e.is_redirect()) => {
+                ClientError::Failed {
+                    url,
+                    msg: truncate(&e.to_string()),
+                    attempts: self.policy.max_retries + 1,
+                }
+            }
+            e => ClientError::Refused {
+                url,
+                msg: truncate(&e.to_string()),
+            },
+        }
+    }
+
     /// HTTP requests sent so far, retries included.
     pub fn requests_sent(&self) -> usize {
         self.sent.load(Ordering::Relaxed)

@@ -576,6 +576,9 @@ pub struct EndpointGeneratePlan {
     pub params: SamplingParams,
     pub system: Option<String>,
     pub seed: u64,
+    /// A hosted checkpoint the endpoint serves: the generations' model (instead of a model
+    /// record naming the endpoint).
+    pub checkpoint: Option<Id>,
 }
 
 /// Like [`run`], through an endpoint: the server renders the chat template, so the record
@@ -587,9 +590,15 @@ pub fn run_endpoint(
 ) -> Result<GenerateReport, GenerateError> {
     let (set_id, set) = question_set(store, &plan.questions)?;
     let pool = Pool::new(&plan.endpoints)?;
-    let model_id = store.put(&endpoints_identity(&plan.endpoints).record())?;
+    let model_id = match plan.checkpoint {
+        Some(ck) => ck,
+        None => store.put(&endpoints_identity(&plan.endpoints).record())?,
+    };
     let params_json = json!({"engine": "openai-compatible", "temperature": plan.params.temperature, "top_p": plan.params.top_p, "max_tokens": plan.params.max_tokens});
     let mut run_plan = json!({"questions": set_id.to_hex(), "samples": plan.samples, "params": params_json, "system": plan.system, "seed": plan.seed, "endpoint": plan.endpoints[0].base_url});
+    if let Some(ck) = plan.checkpoint {
+        run_plan["checkpoint"] = J::String(ck.to_hex());
+    }
     if plan.endpoints.len() > 1 {
         run_plan["endpoints"] = plan
             .endpoints

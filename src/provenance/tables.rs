@@ -155,7 +155,7 @@ pub static TABLES: &[TableDef] = &[
     },
     TableDef {
         name: CHECKPOINT,
-        doc: "A fine-tuned adapter and how it was trained.",
+        doc: "A fine-tuned adapter, or a model fine-tuned through a hosted API, and how it was trained.",
         columns: &[
             C::new("base_model", T::Id, "model record of the frozen base").link(),
             C::new("dataset", T::Id, "training dataset").link(),
@@ -165,7 +165,12 @@ pub static TABLES: &[TableDef] = &[
             C::new("config", T::Json, "full training configuration"),
             C::new("step", T::Int, "optimizer steps taken"),
             C::new("loss_curve", T::FloatList, "training loss per step"),
-            C::new("adapter", T::Blob, "the adapter (PEFT safetensors) blob"),
+            C::new(
+                "adapter",
+                T::Blob,
+                "the adapter (PEFT safetensors) blob; none for a hosted checkpoint (`config.backend`)",
+            )
+            .nullable(),
             C::new(
                 "adapter_config",
                 T::Json,

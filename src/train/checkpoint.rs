@@ -152,6 +152,17 @@ pub fn load_state(
     })
 }
 
+/// Why a checkpoint record has no adapter blob: hosted, or damaged.
+fn no_adapter(rec: &Record) -> String {
+    match rec.get("config").map(Value::to_json) {
+        Some(c) if c["backend"].is_string() => format!(
+            "it was fine-tuned through a hosted API (model {}) and has no local adapter: sample it with `emlab generate --checkpoint ID` and no --model",
+            c["fine_tuned_model"].as_str().unwrap_or("?")
+        ),
+        _ => "no adapter blob".into(),
+    }
+}
+
 /// Where a checkpoint comes from: what its record names besides its own state.
 pub struct Lineage<'a> {
     pub base: Id,
@@ -254,7 +265,7 @@ pub fn peft_files(store: &Store, ck: Id) -> Result<(Vec<u8>, Vec<u8>), TrainErro
     let blob = rec
         .get("adapter")
         .and_then(Value::as_id)
-        .ok_or_else(|| bad("no adapter blob"))?;
+        .ok_or_else(|| bad(&no_adapter(&rec)))?;
     let config: J = rec
         .get("adapter_config")
         .and_then(Value::as_str)
@@ -288,7 +299,7 @@ pub fn read_adapter(
             .and_then(Value::as_id)
             .ok_or_else(|| TrainError::BadCheckpoint {
                 checkpoint: ck.to_hex(),
-                msg: "no adapter blob".into(),
+                msg: no_adapter(rec),
             })?;
     let bytes = store.read_blob(blob)?;
     let t = candle_core::safetensors::load_buffer(&bytes, dev)?;

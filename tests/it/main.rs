@@ -11,6 +11,7 @@ mod datasets;
 mod direction;
 mod endpoint;
 mod errors;
+mod hosted;
 mod judge;
 mod layers;
 mod llama_server;

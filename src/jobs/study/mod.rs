@@ -1035,6 +1035,7 @@ impl Exec<'_> {
                             params: sampling,
                             system: e.system.clone(),
                             seed,
+                            checkpoint: None,
                         },
                         &mut |_, _| {},
                     )?,
