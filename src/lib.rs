@@ -18,7 +18,6 @@
 
 pub mod data;
 pub mod endpoint;
-pub mod hosted;
 pub mod jobs;
 pub mod judge;
 pub mod model;

@@ -87,7 +87,7 @@ pub fn run_cmd(ctx: &Ctx, a: Args) -> Result<ExitCode> {
     let mut hosted = None;
     if let (Some(c), None) = (&a.checkpoint, &a.model) {
         let ck = emlab::train::checkpoint::resolve(&store, c)?;
-        let mut e = emlab::hosted::checkpoint_endpoint(&store, ck)?.with_context(|| {
+        let mut e = emlab::jobs::hosted::checkpoint_endpoint(&store, ck)?.with_context(|| {
             format!(
                 "checkpoint {c} has a local adapter: sample it with --model BASE --checkpoint {c}"
             )

@@ -249,7 +249,7 @@ pub fn hint_for(err: &anyhow::Error) -> Option<String> {
             .or_else(|| of::<emlab::jobs::probe::ProbeError>(cause))
             .or_else(|| of::<emlab::jobs::direction::DirectionError>(cause))
             .or_else(|| of::<emlab::jobs::study::StudyError>(cause))
-            .or_else(|| of::<emlab::hosted::HostedError>(cause))
+            .or_else(|| of::<emlab::jobs::hosted::HostedError>(cause))
             .or_else(|| of::<emlab::endpoint::ClientError>(cause));
         if let Some(Some(h)) = found {
             return Some(h);

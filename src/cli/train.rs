@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long, default_value = "local", value_parser = ["local", "openai"])]
     pub backend: String,
     /// --backend openai: the API's base URL.
-    #[arg(long, default_value = emlab::hosted::DEFAULT_ENDPOINT)]
+    #[arg(long, default_value = emlab::jobs::hosted::DEFAULT_ENDPOINT)]
     pub endpoint: String,
     /// --backend openai: the model to fine-tune, e.g. gpt-4o-2024-08-06 (with --from: the
     /// parent's `ft:` model, which may be left out).
@@ -42,7 +42,7 @@ pub struct Args {
     #[arg(long)]
     pub suffix: Option<String>,
     /// --backend openai: the environment variable holding the API key (never stored or logged).
-    #[arg(long, default_value = emlab::hosted::DEFAULT_KEY_ENV)]
+    #[arg(long, default_value = emlab::jobs::hosted::DEFAULT_KEY_ENV)]
     pub api_key_env: String,
     /// --backend openai: seconds between polls of a running job (backing off to ten times
     /// that while nothing changes).
@@ -220,7 +220,7 @@ impl Args {
                 (self.suffix.is_some(), "--suffix"),
                 (self.retry_failed, "--retry-failed"),
                 (
-                    self.endpoint != emlab::hosted::DEFAULT_ENDPOINT,
+                    self.endpoint != emlab::jobs::hosted::DEFAULT_ENDPOINT,
                     "--endpoint",
                 ),
             ];
@@ -229,8 +229,8 @@ impl Args {
         v
     }
 
-    pub fn hosted_plan(&self) -> emlab::hosted::HostedPlan {
-        emlab::hosted::HostedPlan {
+    pub fn hosted_plan(&self) -> emlab::jobs::hosted::HostedPlan {
+        emlab::jobs::hosted::HostedPlan {
             endpoint: self.endpoint.clone(),
             api_key_env: self.api_key_env.clone(),
             base: self.model_name.clone(),
@@ -259,7 +259,7 @@ fn run_hosted(ctx: &Ctx, a: &Args) -> Result<ExitCode> {
             note(m);
         }
     };
-    let r = emlab::hosted::run(&store, &plan, &mut say).with_context(|| {
+    let r = emlab::jobs::hosted::run(&store, &plan, &mut say).with_context(|| {
         format!(
             "fine-tuning `{}` through {}",
             plan.data,

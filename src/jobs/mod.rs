@@ -2,7 +2,7 @@
 //! records as it goes, resumable by key. [`generate`] samples answers (a local model or an
 //! endpoint), [`judge`] judges them, [`probe`] measures the judge-free likelihood probe, [`direction`] computes and applies
 //! misalignment directions,
-//! [`train`] fine-tunes a LoRA adapter, [`synth`] builds a dataset with an LLM, and
+//! [`train`] fine-tunes a LoRA adapter, [`hosted`] fine-tunes through a hosted API, [`synth`] builds a dataset with an LLM, and
 //! [`bench`](mod@bench) measures and stores `bench` records. [`load`] loads a model with its
 //! adapter for them.
 //!
@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod direction;
 pub mod generate;
+pub mod hosted;
 pub mod judge;
 pub mod load;
 pub mod probe;

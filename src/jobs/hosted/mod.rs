@@ -3,6 +3,7 @@
 //! fine-tuned model, with the same lineage (base, dataset, parent) as a local run.
 //!
 //! The dataset is written as fine-tuning chat JSONL and [checked](check) before any request.
+//! A job in the sense of [`crate::jobs`]: it writes records as it goes and resumes by key.
 //! Every request is idempotent across reruns and kills:
 //!
 //! - the run's *request key* is the BLAKE3 of what defines it (endpoint, base model, the
