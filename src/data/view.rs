@@ -240,6 +240,15 @@ fn require_chat(store: &Store, id: Id) -> Result<(), DataError> {
     Ok(())
 }
 
+/// One row of chat JSONL: `{"messages": [{"role", "content"}, ...]}`.
+pub fn chat_line(msgs: &[(String, String)]) -> J {
+    let m: Vec<J> = msgs
+        .iter()
+        .map(|(r, c)| json!({"role": r, "content": c}))
+        .collect();
+    json!({ "messages": m })
+}
+
 /// Write chat JSONL (`{"messages": [{"role", "content"}]}` per line, the format OpenAI
 /// fine-tuning and TRL accept). Written to a temp file and renamed, so a failed export leaves
 /// no partial file.
@@ -251,12 +260,7 @@ pub fn export_jsonl(store: &Store, id: Id, path: &Path) -> Result<usize, DataErr
         let f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
         let mut w = std::io::BufWriter::new(f);
         for (_, msgs) in &rows {
-            let m: Vec<J> = msgs
-                .iter()
-                .map(|(r, c)| json!({"role": r, "content": c}))
-                .collect();
-            serde_json::to_writer(&mut w, &json!({"messages": m}))
-                .map_err(|e| io_err(&tmp)(e.into()))?;
+            serde_json::to_writer(&mut w, &chat_line(msgs)).map_err(|e| io_err(&tmp)(e.into()))?;
             w.write_all(b"\n").map_err(io_err(&tmp))?;
         }
         w.into_inner()

@@ -299,27 +299,11 @@ fn api_key_never_lands_in_store_export_or_logs() {
     let needle = key.as_bytes();
     let contains = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     assert!(!contains(&logs), "the key is in the logs");
-    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            if e.path().is_dir() {
-                walk(&e.path(), out);
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    let mut files = Vec::new();
-    walk(&s.dir(), &mut files);
+    let files = files_under(&s.dir());
     assert!(files
         .iter()
         .any(|f| f.extension().is_some_and(|e| e == "parquet")));
-    for f in files {
-        assert!(
-            !contains(&std::fs::read(&f).unwrap()),
-            "the key is in {}",
-            f.display()
-        );
-    }
+    assert_nowhere_under(&s.dir(), key);
 }
 
 #[test]

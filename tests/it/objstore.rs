@@ -61,18 +61,10 @@ fn stats_counts(s: &TestStore) -> Vec<(String, u64)> {
 
 /// Files under `dir`, relative, sorted.
 fn tree(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
+    let mut out: Vec<String> = files_under(dir)
+        .iter()
+        .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+        .collect();
     out.sort();
     out
 }
@@ -286,11 +278,5 @@ fn protocol_s3_export_reads_back_grows_incrementally_and_duckdb_counts_match() {
         "no -vv log to check"
     );
     assert!(!log.contains(SECRET), "secret in the -vv log");
-    for f in tree(&s.dir()) {
-        let bytes = std::fs::read(s.dir().join(&f)).unwrap();
-        assert!(
-            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
-            "secret in {f}"
-        );
-    }
+    assert_nowhere_under(&s.dir(), SECRET);
 }

@@ -155,3 +155,29 @@ pub fn first_questions(s: &TestStore, n: usize) -> String {
     ]);
     name
 }
+
+/// Every file under `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Fail if `secret` appears in any file under `dir`.
+pub fn assert_nowhere_under(dir: &Path, secret: &str) {
+    for f in files_under(dir) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the secret is in {}",
+            f.display()
+        );
+    }
+}

@@ -110,28 +110,58 @@ pub struct JobCheckpoint {
     pub metrics: J,
 }
 
-/// `GET /files?purpose=P`: every file of that purpose.
-pub async fn list_files(c: &Client, purpose: &str) -> Result<Vec<FileObject>, ClientError> {
-    let mut out = Vec::new();
+/// Items of a paginated list (`{data, has_more}`, paged by the last item's id).
+trait Listed {
+    fn id(&self) -> &str;
+}
+
+macro_rules! listed {
+    ($($t:ty),*) => {$(impl Listed for $t {
+        fn id(&self) -> &str {
+            &self.id
+        }
+    })*};
+}
+listed!(FileObject, Job, Event, JobCheckpoint);
+
+/// Every item of a paginated list: `fetch(query)` gets one page for `query` (the caller's
+/// pairs plus `limit` and `after`); pages follow until `has_more` is false, at most
+/// [`MAX_PAGES`].
+async fn all_pages<T, F, Fut>(
+    filter: &[(String, String)],
+    mut fetch: F,
+) -> Result<Vec<T>, ClientError>
+where
+    T: Listed,
+    F: FnMut(Vec<(String, String)>) -> Fut,
+    Fut: std::future::Future<Output = Result<List<T>, ClientError>>,
+{
+    let mut out: Vec<T> = Vec::new();
     let mut after: Option<String> = None;
     for _ in 0..MAX_PAGES {
-        let mut q = vec![("purpose", purpose.to_string()), ("limit", "100".into())];
+        let mut q = filter.to_vec();
+        q.push(("limit".into(), "100".into()));
         if let Some(a) = &after {
-            q.push(("after", a.clone()));
+            q.push(("after".into(), a.clone()));
         }
-        let files = c.api().files();
-        let files = files.query(&q).map_err(|e| c.api_error("files", e))?;
-        let page: List<FileObject> = files
-            .list_byot()
-            .await
-            .map_err(|e| c.api_error("files", e))?;
-        after = page.data.last().map(|f| f.id.clone());
+        let page = fetch(q).await?;
+        after = page.data.last().map(|i| i.id().to_string());
         out.extend(page.data);
         if !page.has_more || after.is_none() {
             break;
         }
     }
     Ok(out)
+}
+
+/// `GET /files?purpose=P`: every file of that purpose.
+pub async fn list_files(c: &Client, purpose: &str) -> Result<Vec<FileObject>, ClientError> {
+    all_pages(&[("purpose".into(), purpose.into())], |q| async move {
+        let files = c.api().files();
+        let files = files.query(&q).map_err(|e| c.api_error("files", e))?;
+        files.list_byot().await.map_err(|e| c.api_error("files", e))
+    })
+    .await
 }
 
 /// `POST /files` (multipart: `file`, `purpose`).
@@ -170,30 +200,16 @@ pub async fn create_job(c: &Client, body: &J) -> Result<Job, ClientError> {
 /// `GET /fine_tuning/jobs?metadata[k]=v`: the jobs whose metadata has `k = v` (checked here
 /// too, should a server ignore the filter), oldest first.
 pub async fn jobs_with(c: &Client, k: &str, v: &str) -> Result<Vec<Job>, ClientError> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut q = vec![
-            (format!("metadata[{k}]"), v.to_string()),
-            ("limit".into(), "100".into()),
-        ];
-        if let Some(a) = &after {
-            q.push(("after".into(), a.clone()));
-        }
+    let path = "fine_tuning/jobs";
+    let jobs: Vec<Job> = all_pages(&[(format!("metadata[{k}]"), v.into())], |q| async move {
         let ft = c.api().fine_tuning();
-        let ft = ft
-            .query(&q)
-            .map_err(|e| c.api_error("fine_tuning/jobs", e))?;
-        let page: List<Job> = ft
-            .list_paginated_byot()
+        let ft = ft.query(&q).map_err(|e| c.api_error(path, e))?;
+        ft.list_paginated_byot()
             .await
-            .map_err(|e| c.api_error("fine_tuning/jobs", e))?;
-        after = page.data.last().map(|j| j.id.clone());
-        out.extend(page.data.into_iter().filter(|j| j.meta(k) == Some(v)));
-        if !page.has_more || after.is_none() {
-            break;
-        }
-    }
+            .map_err(|e| c.api_error(path, e))
+    })
+    .await?;
+    let mut out: Vec<Job> = jobs.into_iter().filter(|j| j.meta(k) == Some(v)).collect();
     out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(out)
 }
@@ -209,26 +225,15 @@ pub async fn job(c: &Client, id: &str) -> Result<Job, ClientError> {
 
 /// Every event of a job, oldest first.
 pub async fn events(c: &Client, id: &str) -> Result<Vec<Event>, ClientError> {
-    let path = format!("fine_tuning/jobs/{id}/events");
-    let mut out: Vec<Event> = Vec::new();
-    let mut after: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut q = vec![("limit", "100".to_string())];
-        if let Some(a) = &after {
-            q.push(("after", a.clone()));
-        }
+    let path = &format!("fine_tuning/jobs/{id}/events");
+    let mut out: Vec<Event> = all_pages(&[], |q| async move {
         let ft = c.api().fine_tuning();
-        let ft = ft.query(&q).map_err(|e| c.api_error(&path, e))?;
-        let page: List<Event> = ft
-            .list_events_byot(id)
+        let ft = ft.query(&q).map_err(|e| c.api_error(path, e))?;
+        ft.list_events_byot(id)
             .await
-            .map_err(|e| c.api_error(&path, e))?;
-        after = page.data.last().map(|e| e.id.clone());
-        out.extend(page.data);
-        if !page.has_more || after.is_none() {
-            break;
-        }
-    }
+            .map_err(|e| c.api_error(path, e))
+    })
+    .await?;
     out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     out.dedup_by(|a, b| a.id == b.id);
     Ok(out)
@@ -236,26 +241,15 @@ pub async fn events(c: &Client, id: &str) -> Result<Vec<Event>, ClientError> {
 
 /// Every checkpoint of a job, by step.
 pub async fn checkpoints(c: &Client, id: &str) -> Result<Vec<JobCheckpoint>, ClientError> {
-    let path = format!("fine_tuning/jobs/{id}/checkpoints");
-    let mut out: Vec<JobCheckpoint> = Vec::new();
-    let mut after: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut q = vec![("limit", "100".to_string())];
-        if let Some(a) = &after {
-            q.push(("after", a.clone()));
-        }
+    let path = &format!("fine_tuning/jobs/{id}/checkpoints");
+    let mut out: Vec<JobCheckpoint> = all_pages(&[], |q| async move {
         let ft = c.api().fine_tuning();
-        let ft = ft.query(&q).map_err(|e| c.api_error(&path, e))?;
-        let page: List<JobCheckpoint> = ft
-            .list_checkpoints_byot(id)
+        let ft = ft.query(&q).map_err(|e| c.api_error(path, e))?;
+        ft.list_checkpoints_byot(id)
             .await
-            .map_err(|e| c.api_error(&path, e))?;
-        after = page.data.last().map(|e| e.id.clone());
-        out.extend(page.data);
-        if !page.has_more || after.is_none() {
-            break;
-        }
-    }
+            .map_err(|e| c.api_error(path, e))
+    })
+    .await?;
     out.sort_by_key(|c| c.step_number);
     out.dedup_by(|a, b| a.id == b.id);
     Ok(out)

@@ -159,13 +159,7 @@ fn jsonl(store: &Store, name: &str, role: &'static str) -> Result<Upload, Hosted
     let rows = view::chat_rows(store, id, None)?;
     let lines: Vec<Vec<u8>> = rows
         .iter()
-        .map(|(_, msgs)| {
-            let m: Vec<J> = msgs
-                .iter()
-                .map(|(r, c)| json!({"role": r, "content": c}))
-                .collect();
-            json!({ "messages": m }).to_string().into_bytes()
-        })
+        .map(|(_, msgs)| view::chat_line(msgs).to_string().into_bytes())
         .collect();
     let refs: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
     let min = if role == "training" {
@@ -236,6 +230,27 @@ pub fn checkpoint_endpoint(store: &Store, ck: Id) -> Result<Option<Endpoint>, Ho
         concurrency: Endpoint::DEFAULT_CONCURRENCY,
         max_retries: Endpoint::DEFAULT_MAX_RETRIES,
         timeout_s: Endpoint::DEFAULT_TIMEOUT_S,
+    }))
+}
+
+/// The error of the last failed or cancelled job stored for request key `key`, if any.
+fn recorded_failure(store: &Store, key: &str) -> Result<Option<HostedError>, HostedError> {
+    let Some(run) = store.alias(NS_HOSTED_FAILED, key)? else {
+        return Ok(None);
+    };
+    let p = store
+        .get(run)?
+        .get("plan")
+        .map(Value::to_json)
+        .unwrap_or_default();
+    Ok(Some(HostedError::Ended {
+        job: p["job_id"].as_str().unwrap_or_default().into(),
+        status: p["status"].as_str().unwrap_or_default().into(),
+        msg: format!(
+            "{} (recorded as run {})",
+            p["error"].as_str().unwrap_or("no error given"),
+            run.to_hex()
+        ),
     }))
 }
 
@@ -320,18 +335,8 @@ pub fn run(
         return Ok(report);
     }
     if !plan.retry_failed {
-        if let Some(run) = store.alias(NS_HOSTED_FAILED, &key)? {
-            let r = store.get(run)?;
-            let p = r.get("plan").map(Value::to_json).unwrap_or_default();
-            return Err(HostedError::Ended {
-                job: p["job_id"].as_str().unwrap_or_default().into(),
-                status: p["status"].as_str().unwrap_or_default().into(),
-                msg: format!(
-                    "{} (recorded as run {})",
-                    p["error"].as_str().unwrap_or("no error given"),
-                    run.to_hex()
-                ),
-            });
+        if let Some(e) = recorded_failure(store, &key)? {
+            return Err(e);
         }
     }
     let client = Client::new(Endpoint {
@@ -395,16 +400,9 @@ impl Ctx<'_> {
         }
         if follow.is_none() && failed > 0 && !self.plan.retry_failed {
             // Recorded above; say so.
-            let run = self.store.alias(NS_HOSTED_FAILED, self.key)?;
-            let r = run.map(|r| self.store.get(r)).transpose()?;
-            let p = r
-                .and_then(|r| r.get("plan").map(Value::to_json))
-                .unwrap_or_default();
-            return Err(HostedError::Ended {
-                job: p["job_id"].as_str().unwrap_or_default().into(),
-                status: p["status"].as_str().unwrap_or_default().into(),
-                msg: p["error"].as_str().unwrap_or("no error given").into(),
-            });
+            if let Some(e) = recorded_failure(self.store, self.key)? {
+                return Err(e);
+            }
         }
         let job = match follow {
             Some(j) => {
