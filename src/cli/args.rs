@@ -185,3 +185,47 @@ impl EditArgs {
         }
     }
 }
+
+/// The OpenAI Batch API instead of one request at a time (`judge`, `generate --endpoint`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BatchApiArgs {
+    /// Send the requests through the endpoint's Batch API: request files uploaded (purpose
+    /// `batch`, split under 50,000 requests and 200 MB), one batch each, polled until done,
+    /// the answers stored as direct answers would be. A rerun follows the batches it created
+    /// and sends only what is not stored (e.g. what an expired batch left).
+    #[arg(long)]
+    pub batch_api: bool,
+    /// Seconds between polls of a batch while it changes (backing off to ten times that).
+    #[arg(long, default_value_t = 30.0, requires = "batch_api")]
+    pub poll_interval: f64,
+    /// Requests per batch file, at most.
+    #[arg(long, default_value_t = emlab::endpoint::batch::MAX_REQUESTS, requires = "batch_api",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=emlab::endpoint::batch::MAX_REQUESTS as u64))]
+    pub batch_max_requests: usize,
+}
+
+impl BatchApiArgs {
+    /// The batch mode asked for, checked against the endpoints given.
+    pub fn mode(&self, endpoints: &[Endpoint]) -> anyhow::Result<Option<emlab::jobs::batch::Mode>> {
+        if !self.batch_api {
+            return Ok(None);
+        }
+        match endpoints.len() {
+            0 => anyhow::bail!("--batch-api sends through an endpoint: give --endpoint"),
+            1 => {}
+            n => anyhow::bail!(
+                "--batch-api sends through one endpoint's Batch API, not a pool of {n}\nhint: give one --endpoint"
+            ),
+        }
+        if !(self.poll_interval.is_finite() && self.poll_interval >= 0.0) {
+            anyhow::bail!("--poll-interval must be a number of seconds >= 0");
+        }
+        Ok(Some(emlab::jobs::batch::Mode::Api(
+            emlab::jobs::batch::ApiOptions {
+                poll_interval: self.poll_interval,
+                max_requests: self.batch_max_requests,
+                max_bytes: emlab::endpoint::batch::MAX_BYTES,
+            },
+        )))
+    }
+}

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::args::{choice, EndpointArgs};
+use super::args::{choice, BatchApiArgs, EndpointArgs};
 use super::{note, out, out_json, progress_bar, Ctx};
 use emlab::jobs::judge::{JudgeBackend, JudgePlan};
 use emlab::judge::metrics::Definition;
@@ -157,9 +157,18 @@ pub struct JudgeArgs {
     #[arg(
         long,
         required_unless_present_any = ["endpoint", "endpoints"],
-        conflicts_with_all = ["endpoint", "endpoints"]
+        conflicts_with_all = ["endpoint", "endpoints", "batch_api"]
     )]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub batch: BatchApiArgs,
+    #[command(flatten)]
+    pub select: JudgeSelect,
+}
+
+/// What to judge and how: the arguments `judge` and `batch export|import judge` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JudgeSelect {
     /// Only the generations of this model (its name, or an id prefix of its model record).
     #[arg(long)]
     pub generations: Option<String>,
@@ -177,9 +186,24 @@ pub struct JudgeArgs {
     pub label_prompt: Option<PathBuf>,
 }
 
+impl JudgeSelect {
+    pub fn plan(&self, backend: JudgeBackend, default_name: String) -> JudgePlan {
+        JudgePlan {
+            backend,
+            judge: self.judge.clone().unwrap_or(default_name),
+            metrics: self.metrics.clone(),
+            prompts_from: self.prompts_from.clone(),
+            label_prompt: self.label_prompt.clone(),
+            generations: self.generations.clone(),
+            only: None,
+        }
+    }
+}
+
 pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
     let store = ctx.open()?;
     let endpoints = a.endpoint.endpoints()?;
+    let batch = a.batch.mode(&endpoints)?;
     let (backend, what, default_name) = match (endpoints.first(), &a.model) {
         (Some(e), _) => {
             let url = endpoints
@@ -188,7 +212,11 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(", ");
             let name = e.model.clone();
-            (JudgeBackend::Endpoint(endpoints.clone()), url, name)
+            let backend = match batch {
+                Some(mode) => JudgeBackend::Batch(e.clone(), mode),
+                None => JudgeBackend::Endpoint(endpoints.clone()),
+            };
+            (backend, url, name)
         }
         (None, Some(p)) => {
             let file = p
@@ -202,15 +230,17 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
         }
         (None, None) => anyhow::bail!("--endpoint or --model is required"),
     };
-    let plan = JudgePlan {
-        backend,
-        judge: a.judge.clone().unwrap_or(default_name),
-        metrics: a.metrics.clone(),
-        prompts_from: a.prompts_from.clone(),
-        label_prompt: a.label_prompt.clone(),
-        generations: a.generations.clone(),
-        only: None,
-    };
+    let plan = a.select.plan(backend, default_name);
+    run_judge(ctx, &store, &plan, &what)
+}
+
+/// Run a judge plan with a progress bar, print its report, and fail when requests failed.
+pub fn run_judge(
+    ctx: &Ctx,
+    store: &emlab_store::Store,
+    plan: &JudgePlan,
+    what: &str,
+) -> Result<ExitCode> {
     let bar = progress_bar(ctx, "{bar:40} {pos}/{len} {elapsed_precise} eta {eta}");
     let mut progress = |done: usize, total: usize| {
         if let Some(b) = &bar {
@@ -218,7 +248,11 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
             b.set_position(done as u64);
         }
     };
-    let r = emlab::jobs::judge::run(&store, &plan, &mut progress)
+    let mut tell = |m: &str| match &bar {
+        Some(b) => b.println(m),
+        None => note(m),
+    };
+    let r = emlab::jobs::judge::run(store, plan, &mut progress, &mut tell)
         .with_context(|| format!("judging with {what}"))?;
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -231,6 +265,9 @@ pub fn judge(ctx: &Ctx, a: JudgeArgs) -> Result<ExitCode> {
             r.judged, r.already_judged, r.without_prompt, r.unscored, r.failed, r.requests_sent
         ));
         note_endpoints(&r.endpoints);
+        if let Some(b) = &r.batch {
+            super::batch::note_batch(b);
+        }
     }
     if r.failed > 0 {
         anyhow::bail!(

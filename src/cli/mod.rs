@@ -4,6 +4,7 @@
 //! only; the library offers plain types.
 
 mod args;
+mod batch;
 mod bench;
 mod data;
 mod direction;
@@ -77,6 +78,12 @@ pub enum Command {
     },
     /// Judge stored generations through an OpenAI-compatible endpoint or a local model.
     Judge(Box<judge::JudgeArgs>),
+    /// The requests of `judge` or `generate --endpoint` as a JSONL for `vllm run-batch`
+    /// (export), and its answers stored (import).
+    Batch {
+        #[command(subcommand)]
+        cmd: batch::BatchCmd,
+    },
     /// % misaligned by three definitions with bootstrap 95% intervals; stored as metric records.
     Metrics(judge::MetricsArgs),
     /// The judge-free likelihood probe: how much more likely the model finds misaligned
@@ -161,6 +168,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Metrics(a) => judge::metrics(&ctx, a),
         Command::Probe(a) => probe::run(&ctx, *a),
         Command::Judge(a) => judge::judge(&ctx, *a),
+        Command::Batch { cmd } => batch::run(&ctx, cmd),
         Command::Train(a) => train::run_train(&ctx, *a),
         Command::Checkpoint { cmd } => train::checkpoint(&ctx, cmd),
         Command::Merge(a) => train::merge(&ctx, a),

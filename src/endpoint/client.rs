@@ -66,6 +66,13 @@ pub enum ClientError {
         msg: String,
         attempts: u32,
     },
+    #[error("unexpected answer from {url}: {msg}")]
+    Protocol { url: String, msg: String },
+    #[error("{}: {msg}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        msg: String,
+    },
     #[error("environment variable {0} (the API key) is not set")]
     MissingKey(String),
     #[error("cannot build the HTTP client: {0}")]

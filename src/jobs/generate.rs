@@ -113,6 +113,9 @@ pub struct GenerateReport {
     /// What each endpoint of a pool did (endpoint pools only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointCount>,
+    /// What a batched run did (`--batch-api`, `emlab batch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::jobs::batch::BatchReport>,
 }
 
 /// One sample to draw.
@@ -579,6 +582,9 @@ pub struct EndpointGeneratePlan {
     /// A hosted checkpoint the endpoint serves: the generations' model (instead of a model
     /// record naming the endpoint).
     pub checkpoint: Option<Id>,
+    /// Send the requests as a batch (the first endpoint's Batch API, or a file for `vllm
+    /// run-batch`) instead of one at a time.
+    pub batch: Option<crate::jobs::batch::Mode>,
 }
 
 /// Like [`run`], through an endpoint: the server renders the chat template, so the record
@@ -587,6 +593,7 @@ pub fn run_endpoint(
     store: &Store,
     plan: &EndpointGeneratePlan,
     progress: Progress<'_>,
+    note: &mut dyn FnMut(&str),
 ) -> Result<GenerateReport, GenerateError> {
     let (set_id, set) = question_set(store, &plan.questions)?;
     let pool = Pool::new(&plan.endpoints)?;
@@ -631,50 +638,67 @@ pub fn run_endpoint(
     let start = Instant::now();
     let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
     let already = report.already_stored;
-    let streamed = stream::run(
-        store,
-        jobs,
-        pool.concurrency(),
-        |j: &Job| {
-            let msgs: Vec<J> = j
-                .messages
-                .iter()
-                .map(|(r, c)| json!({"role": r, "content": c}))
-                .collect();
-            // `max_tokens`, not `max_completion_tokens`: what OpenAI-compatible servers
-            // such as llama.cpp and vLLM accept.
-            let body = json!({"messages": msgs, "max_tokens": plan.params.max_tokens, "temperature": plan.params.temperature, "top_p": plan.params.top_p, "seed": j.seed});
-            pool.chat(body)
-        },
-        |batch: &mut Batch, j: Job, resp: J| -> Result<(), GenerateError> {
-            let usage = &resp["usage"];
-            let (pt, ct) = (
-                usage["prompt_tokens"].as_i64(),
-                usage["completion_tokens"].as_i64(),
-            );
-            prompt_tokens += pt.unwrap_or(0) as usize;
-            completion_tokens += ct.unwrap_or(0) as usize;
-            let params = j.params(&params_json, plan.seed);
-            let text = crate::endpoint::client::content(&resp);
-            let rec = Generation {
-                model: model_id,
-                prompt: j.conv,
-                question: Some(j.question),
-                params: &params,
-                seed: j.seed as i64,
-                text: &text,
-                prompt_tokens: pt,
-                completion_tokens: ct,
-                finish_reason: resp["choices"][0]["finish_reason"].as_str(),
-            }
-            .record();
-            let id = store.stage(batch, &rec)?;
-            batch.alias(NS_GENERATION, &j.key, id);
-            found[j.slot] = Some(id);
-            Ok(())
-        },
-        &mut |done| progress(already + done, planned),
-    )?;
+    let request = |j: &Job| -> J {
+        let msgs: Vec<J> = j
+            .messages
+            .iter()
+            .map(|(r, c)| json!({"role": r, "content": c}))
+            .collect();
+        // `max_tokens`, not `max_completion_tokens`: what OpenAI-compatible servers such as
+        // llama.cpp and vLLM accept.
+        json!({"messages": msgs, "max_tokens": plan.params.max_tokens, "temperature": plan.params.temperature, "top_p": plan.params.top_p, "seed": j.seed})
+    };
+    let sink = |batch: &mut Batch, j: Job, resp: J| -> Result<(), GenerateError> {
+        let usage = &resp["usage"];
+        let (pt, ct) = (
+            usage["prompt_tokens"].as_i64(),
+            usage["completion_tokens"].as_i64(),
+        );
+        prompt_tokens += pt.unwrap_or(0) as usize;
+        completion_tokens += ct.unwrap_or(0) as usize;
+        let params = j.params(&params_json, plan.seed);
+        let text = crate::endpoint::client::content(&resp);
+        let rec = Generation {
+            model: model_id,
+            prompt: j.conv,
+            question: Some(j.question),
+            params: &params,
+            seed: j.seed as i64,
+            text: &text,
+            prompt_tokens: pt,
+            completion_tokens: ct,
+            finish_reason: resp["choices"][0]["finish_reason"].as_str(),
+        }
+        .record();
+        let id = store.stage(batch, &rec)?;
+        batch.alias(NS_GENERATION, &j.key, id);
+        found[j.slot] = Some(id);
+        Ok(())
+    };
+    let streamed = match &plan.batch {
+        None => stream::run(
+            store,
+            jobs,
+            pool.concurrency(),
+            |j: &Job| pool.chat(request(j)),
+            sink,
+            &mut |done| progress(already + done, planned),
+        )?,
+        Some(mode) => {
+            let (r, b) = crate::jobs::batch::run(
+                store,
+                &plan.endpoints[0],
+                mode,
+                jobs,
+                |j: &Job| (j.key.clone(), request(j)),
+                sink,
+                note,
+                &mut |done| progress(already + done, planned),
+            )?;
+            report.batch = Some(b);
+            r
+        }
+    };
     report.generated = streamed.ok;
     report.generations = found.into_iter().flatten().collect();
     report.endpoints = record_endpoint_counts(store, run_id, &pool)?;

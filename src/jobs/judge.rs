@@ -21,6 +21,7 @@ use serde_json::{json, Value as J};
 use crate::data::{resolve_dataset, DataError};
 use crate::endpoint::client::{content, first_token_top_logprobs};
 use crate::endpoint::{stream, ClientError, Endpoint, EndpointCount, Pool};
+use crate::jobs::batch;
 use crate::judge::prompt::fill;
 use crate::judge::score::aggregate;
 use crate::model::chat::LocalChat;
@@ -68,6 +69,9 @@ pub enum JudgeBackend {
     Endpoint(Vec<Endpoint>),
     /// A local model (GGUF or HF directory), answering offline with its own logprobs.
     Local(PathBuf),
+    /// The requests as a batch for this endpoint's model: through its Batch API, or a file
+    /// for `vllm run-batch` and that file's output read back ([`crate::jobs::batch`]).
+    Batch(Endpoint, batch::Mode),
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +101,9 @@ pub struct JudgeReport {
     pub failed: usize,
     pub requests_sent: usize,
     pub first_error: Option<String>,
+    /// What a batched run did (`Batch` backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<batch::BatchReport>,
     /// The judgment records of every planned request that is stored (found or made now).
     #[serde(skip)]
     pub judgments: Vec<Id>,
@@ -367,11 +374,13 @@ fn plan_jobs(
     Ok((jobs, found))
 }
 
-/// Judge what is not judged yet. Progress: (done, planned).
+/// Judge what is not judged yet. Progress: (done, planned); `note` hears what happens to
+/// batches.
 pub fn run(
     store: &Store,
     plan: &JudgePlan,
     progress: &mut dyn FnMut(usize, usize),
+    note: &mut dyn FnMut(&str),
 ) -> Result<JudgeReport, JudgeError> {
     let mut report = JudgeReport::default();
     let (jobs, mut found) = plan_jobs(store, plan, false, &mut report)?;
@@ -418,6 +427,21 @@ pub fn run(
                 judge_local(store, &local, jobs, &mut sink, &mut on_progress)?,
                 0,
             )
+        }
+        JudgeBackend::Batch(endpoint, mode) => {
+            let (r, b) = batch::run(
+                store,
+                endpoint,
+                mode,
+                jobs,
+                |job: &Job| (job.key.clone(), job.body()),
+                &mut sink,
+                note,
+                &mut on_progress,
+            )?;
+            let sent = b.requests_sent;
+            report.batch = Some(b);
+            (r, sent)
         }
     };
     report.judged = streamed.ok;

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod batch;
 mod cli_output;
 mod compat;
 mod cpu;
@@ -11,6 +12,7 @@ mod datasets;
 mod direction;
 mod endpoint;
 mod errors;
+mod fake_openai;
 mod hosted;
 mod judge;
 mod layers;

@@ -1,4 +1,4 @@
-//! The OpenAI fine-tuning and files APIs, through [`Client::api`] (emlab's transport: every
+//! The OpenAI fine-tuning API (files: [`crate::endpoint::files`]), through [`Client::api`] (emlab's transport: every
 //! attempt counted and retried by one policy), with serde types of emlab's own: async-openai's
 //! checkpoint metrics fields are all required and fail on answers without a validation file,
 //! and a job's `metadata` (where emlab keeps its request key) is read as it comes.
@@ -6,33 +6,11 @@
 use std::collections::BTreeMap;
 
 use async_openai::traits::RequestOptionsBuilder;
-use async_openai::types::files::{CreateFileRequest, FileInput, FilePurpose};
-use async_openai::types::InputSource;
 use serde::Deserialize;
 use serde_json::Value as J;
 
+use crate::endpoint::files::{all_pages, Listed};
 use crate::endpoint::{Client, ClientError};
-
-/// Pages read at most when listing (100 items each).
-const MAX_PAGES: usize = 100;
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct FileObject {
-    pub id: String,
-    #[serde(default)]
-    pub filename: String,
-    #[serde(default)]
-    pub bytes: u64,
-    #[serde(default)]
-    pub purpose: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct List<T> {
-    data: Vec<T>,
-    #[serde(default)]
-    has_more: bool,
-}
 
 /// A fine-tuning job as the API returns it (the fields emlab reads).
 #[derive(Debug, Clone, Deserialize)]
@@ -110,82 +88,20 @@ pub struct JobCheckpoint {
     pub metrics: J,
 }
 
-/// Items of a paginated list (`{data, has_more}`, paged by the last item's id).
-trait Listed {
-    fn id(&self) -> &str;
-}
-
-macro_rules! listed {
-    ($($t:ty),*) => {$(impl Listed for $t {
-        fn id(&self) -> &str {
-            &self.id
-        }
-    })*};
-}
-listed!(FileObject, Job, Event, JobCheckpoint);
-
-/// Every item of a paginated list: `fetch(query)` gets one page for `query` (the caller's
-/// pairs plus `limit` and `after`); pages follow until `has_more` is false, at most
-/// [`MAX_PAGES`].
-async fn all_pages<T, F, Fut>(
-    filter: &[(String, String)],
-    mut fetch: F,
-) -> Result<Vec<T>, ClientError>
-where
-    T: Listed,
-    F: FnMut(Vec<(String, String)>) -> Fut,
-    Fut: std::future::Future<Output = Result<List<T>, ClientError>>,
-{
-    let mut out: Vec<T> = Vec::new();
-    let mut after: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut q = filter.to_vec();
-        q.push(("limit".into(), "100".into()));
-        if let Some(a) = &after {
-            q.push(("after".into(), a.clone()));
-        }
-        let page = fetch(q).await?;
-        after = page.data.last().map(|i| i.id().to_string());
-        out.extend(page.data);
-        if !page.has_more || after.is_none() {
-            break;
-        }
+impl Listed for Job {
+    fn id(&self) -> &str {
+        &self.id
     }
-    Ok(out)
 }
-
-/// `GET /files?purpose=P`: every file of that purpose.
-pub async fn list_files(c: &Client, purpose: &str) -> Result<Vec<FileObject>, ClientError> {
-    all_pages(&[("purpose".into(), purpose.into())], |q| async move {
-        let files = c.api().files();
-        let files = files.query(&q).map_err(|e| c.api_error("files", e))?;
-        files.list_byot().await.map_err(|e| c.api_error("files", e))
-    })
-    .await
+impl Listed for Event {
+    fn id(&self) -> &str {
+        &self.id
+    }
 }
-
-/// `POST /files` (multipart: `file`, `purpose`).
-pub async fn upload(
-    c: &Client,
-    filename: &str,
-    bytes: Vec<u8>,
-    purpose: FilePurpose,
-) -> Result<FileObject, ClientError> {
-    let req = CreateFileRequest {
-        file: FileInput {
-            source: InputSource::VecU8 {
-                filename: filename.to_string(),
-                vec: bytes,
-            },
-        },
-        purpose,
-        expires_after: None,
-    };
-    c.api()
-        .files()
-        .create_byot(req)
-        .await
-        .map_err(|e| c.api_error("files", e))
+impl Listed for JobCheckpoint {
+    fn id(&self) -> &str {
+        &self.id
+    }
 }
 
 /// `POST /fine_tuning/jobs`.

@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde_json::{json, Value as J};
 
 use crate::data::{resolve_dataset, view, DataError};
-use crate::endpoint::{Client, ClientError, Endpoint};
+use crate::endpoint::{files, Client, ClientError, Endpoint};
 use crate::provenance::build::{self, ModelIdentity};
 use crate::provenance::tables::CHECKPOINT;
 use crate::train::TrainError;
@@ -451,29 +451,20 @@ impl Ctx<'_> {
 
     /// The uploaded file of `u`: one found by its name and size, or a new upload.
     async fn file(&self, u: &Upload, report: &mut HostedReport) -> Result<String, HostedError> {
-        let name = u.filename();
-        let found = api::list_files(self.client, "fine-tune").await?;
-        if let Some(f) = found
-            .iter()
-            .find(|f| f.filename == name && f.bytes == u.bytes.len() as u64)
-        {
+        let (id, found) = files::ensure(
+            self.client,
+            &u.filename(),
+            &u.bytes,
+            FilePurpose::FineTune,
+            "fine-tune",
+        )
+        .await?;
+        if found {
             report.reused_files += 1;
-            return Ok(f.id.clone());
+        } else {
+            report.uploaded_files += 1;
         }
-        let f = api::upload(self.client, &name, u.bytes.clone(), FilePurpose::FineTune).await?;
-        if f.bytes != 0 && f.bytes != u.bytes.len() as u64 {
-            return Err(HostedError::Protocol {
-                url: self.client.endpoint.url("files"),
-                msg: format!(
-                    "{} holds {} bytes; {} were sent",
-                    f.id,
-                    f.bytes,
-                    u.bytes.len()
-                ),
-            });
-        }
-        report.uploaded_files += 1;
-        Ok(f.id)
+        Ok(id)
     }
 
     /// Poll until the job finishes: every --poll-interval while it changes, backing off to

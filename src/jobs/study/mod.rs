@@ -1036,8 +1036,10 @@ impl Exec<'_> {
                             system: e.system.clone(),
                             seed,
                             checkpoint: None,
+                            batch: None,
                         },
                         &mut |_, _| {},
+                        &mut |_| {},
                     )?,
                 };
                 Ok(r.generations)
@@ -1108,7 +1110,7 @@ impl Exec<'_> {
                     generations: None,
                     only: Some(gens_list.iter().copied().collect()),
                 };
-                let r = crate::jobs::judge::run(x.store, &plan, &mut |_, _| {})?;
+                let r = crate::jobs::judge::run(x.store, &plan, &mut |_, _| {}, &mut |_| {})?;
                 if r.failed > 0 {
                     return Err(StudyError::Step {
                         label: format!("judge {label}"),
