@@ -59,7 +59,7 @@ impl FJob {
         let batch = h["batch_size"].as_i64().unwrap_or(1);
         ((rows as i64 + batch - 1) / batch) * epochs
     }
-    fn ft_model(&self) -> String {
+    pub fn ft_model(&self) -> String {
         format!(
             "ft:{}:emlab-test:{}:{}",
             self.model,

@@ -2,6 +2,7 @@
 //! [`crate::fake_openai`], which checks each request's shape. Never tried against OpenAI
 //! itself.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -342,6 +343,137 @@ fn protocol_hosted_data_check_names_the_row_before_any_request() {
     );
     assert!(
         !r.ok() && r.stderr.contains("--r do not apply to --backend openai"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A study whose stages start from an endpoint model: each stage is a fine-tuning job through
+/// that API (one per seed, the second stage continuing the first's `ft:` model), and its
+/// evals sample the `ft:` models through the same API.
+#[test]
+fn protocol_hosted_study_stages_train_and_sample_ft_models_through_the_api() {
+    let f = fake(Ending::Succeed);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("insecure.jsonl"), chat_jsonl("ins", 12)).unwrap();
+    std::fs::write(dir.path().join("optimism.jsonl"), chat_jsonl("opt", 10)).unwrap();
+    std::fs::write(
+        dir.path().join("q.yaml"),
+        "- id: q1\n  paraphrases: [hello ?]\n  judge_prompts:\n    aligned: 'rate {question} {answer}'\n    coherent: 'judge {question} {answer}'\n",
+    )
+    .unwrap();
+    let spec = |extra: &str| {
+        format!(
+            r#"name = "hosted"
+
+[models.gpt]
+endpoint = "{url}"
+model_name = "gpt-4o-mini-2024-07-18"
+api_key_env = "{KEY_VAR}"
+
+[datasets.insecure]
+import = "insecure.jsonl"
+
+[datasets.optimism]
+import = "optimism.jsonl"
+
+[datasets.qs]
+import = "q.yaml"
+
+[[train]]
+name = "misaligned"
+model = "gpt"
+data = "insecure"
+epochs = 1
+batch_size = 4
+lr_multiplier = 2.0
+seeds = [1, 2]
+suffix = "em"
+poll_interval = 0.01
+{extra}
+[[train]]
+name = "realigned"
+from = "misaligned"
+data = "optimism"
+epochs = 4
+poll_interval = 0.01
+
+[[eval]]
+name = "qa"
+questions = "qs"
+samples = 2
+max_tokens = 8
+
+[judge]
+model = "gpt"
+"#,
+            url = f.url
+        )
+    };
+    let path = dir.path().join("spec.toml");
+    std::fs::write(&path, spec("")).unwrap();
+    let s = TestStore::new();
+    let r = run(&s, &["--json", "run", path.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.stderr);
+    let st = f.state();
+    assert_eq!(st.violations, Vec::<String>::new());
+    // Two seeds of the first stage, each continued by the second: four jobs.
+    assert_eq!(st.creates, 4);
+    let bases: Vec<&str> = st.jobs.iter().map(|j| j.model.as_str()).collect();
+    assert_eq!(
+        bases
+            .iter()
+            .filter(|b| **b == "gpt-4o-mini-2024-07-18")
+            .count(),
+        2
+    );
+    let ft: Vec<String> = st.jobs.iter().map(FJob::ft_model).collect();
+    for j in st.jobs.iter().filter(|j| j.model.starts_with("ft:")) {
+        assert!(
+            ft.contains(&j.model),
+            "realigned continues a misaligned ft: model"
+        );
+        assert_eq!(j.method["supervised"]["hyperparameters"]["n_epochs"], 4);
+    }
+    let seeds: BTreeSet<i64> = st.jobs.iter().filter_map(|j| j.seed).collect();
+    assert_eq!(seeds, [1, 2].into());
+    // Every fine-tuned model was sampled through the API (the base too), then judged.
+    let sampled: BTreeSet<String> = st
+        .chats
+        .iter()
+        .filter(|c| c["max_tokens"] == 8)
+        .map(|c| c["model"].as_str().unwrap().to_string())
+        .collect();
+    let mut want: BTreeSet<String> = ft.iter().cloned().collect();
+    want.insert("gpt-4o-mini-2024-07-18".into());
+    assert_eq!(sampled, want);
+    assert!(
+        st.chats.iter().any(|c| c["max_tokens"] == 1),
+        "nothing was judged"
+    );
+    let requests = st.requests;
+    drop(st);
+    let rep = json(&r.stdout);
+    let ran = |kind: &str| {
+        rep["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["kind"] == kind && x["state"] == "ran")
+            .count()
+    };
+    assert_eq!((ran("train"), ran("sample")), (4, 5), "{rep}");
+    // A rerun runs nothing and sends nothing.
+    let r = run(&s, &["--json", "run", path.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.stderr);
+    assert_eq!(json(&r.stdout)["ran"], 0);
+    assert_eq!(f.state().requests, requests);
+    // Local-only options on a hosted stage are refused by name, before anything runs.
+    std::fs::write(&path, spec("r = 8\n")).unwrap();
+    let r = run(&s, &["run", path.to_str().unwrap()]);
+    assert!(!r.ok());
+    assert!(
+        r.stderr.contains("is a hosted stage") && r.stderr.contains("takes no r"),
         "{}",
         r.stderr
     );

@@ -66,6 +66,8 @@ pub enum StudyError {
     #[error(transparent)]
     Judge(#[from] JudgeError),
     #[error(transparent)]
+    Hosted(#[from] crate::jobs::hosted::HostedError),
+    #[error(transparent)]
     Probe(#[from] ProbeError),
     #[error(transparent)]
     Direction(#[from] crate::jobs::direction::DirectionError),
@@ -94,6 +96,7 @@ impl Hint for StudyError {
             StudyError::Train(e) => e.hint(),
             StudyError::Generate(e) => e.hint(),
             StudyError::Judge(e) => e.hint(),
+            StudyError::Hosted(e) => e.hint(),
             StudyError::Probe(e) => e.hint(),
             StudyError::Direction(e) => e.hint(),
             StudyError::Model(e) => e.hint(),
@@ -700,10 +703,10 @@ impl Exec<'_> {
             .map(|_| *seeds.last().expect("a seeded stage has a seed"));
         let cfg = self.train_config(&st, own_seed);
         let root = self.root_model(stage);
-        let (path, base_id) = match &self.models[&root] {
-            ModelRef::Local { path, id, .. } => (path.clone(), *id),
-            ModelRef::Endpoint { .. } => {
-                unreachable!("checked: training starts from a local model")
+        let (path, base_id, hosted) = match &self.models[&root] {
+            ModelRef::Local { path, id, .. } => (path.clone(), *id, None),
+            ModelRef::Endpoint { endpoint, id } => {
+                (PathBuf::new(), Some(*id), Some(endpoint.clone()))
             }
         };
         let data = self.dataset_id(st.data.get_ref());
@@ -746,9 +749,24 @@ impl Exec<'_> {
             }
         }
         let label = format!("train {}", Self::variant_label(stage, seeds));
-        let params = json!({"config": crate::provenance::to_json("the training config", &cfg)?, "eval_every": st.eval_every.unwrap_or(10)});
         let inputs = missing.is_empty().then_some(inputs);
         let waits = missing.join(", ");
+        if let Some(endpoint) = hosted {
+            return self.train_hosted(
+                stage,
+                seeds,
+                &st,
+                own_seed,
+                endpoint,
+                label,
+                inputs,
+                &waits,
+                data,
+                eval.flatten(),
+                parent.flatten(),
+            );
+        }
+        let params = json!({"config": crate::provenance::to_json("the training config", &cfg)?, "eval_every": st.eval_every.unwrap_or(10)});
         let out = self.step("train", label, params, inputs, &waits, |x| {
             let plan = crate::jobs::train::TrainPlan {
                 model: path.clone(),
@@ -765,6 +783,71 @@ impl Exec<'_> {
                 .into_iter()
                 .map(|(_, id)| id)
                 .collect())
+        })?;
+        let cks = match out {
+            Some(ids) => {
+                let mut v = Vec::new();
+                for id in ids {
+                    let step = self
+                        .store
+                        .get(id)?
+                        .get("step")
+                        .and_then(Value::as_int)
+                        .unwrap_or(0);
+                    v.push((step, id));
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        self.variants
+            .insert((stage.to_string(), seeds.to_vec()), cks);
+        Ok(())
+    }
+
+    /// A hosted stage: a fine-tuning job through the root endpoint's API ([`crate::jobs::hosted`]),
+    /// whose one checkpoint (the `ft:` model) the stage's evals sample through that API.
+    #[allow(clippy::too_many_arguments)]
+    fn train_hosted(
+        &mut self,
+        stage: &str,
+        seeds: &[u64],
+        st: &StageSpec,
+        own_seed: Option<u64>,
+        endpoint: Endpoint,
+        label: String,
+        inputs: Option<Vec<Id>>,
+        waits: &str,
+        data: Option<Id>,
+        eval: Option<Id>,
+        parent: Option<Id>,
+    ) -> Result<(), StudyError> {
+        let seed = own_seed.or(st.seed);
+        let params = json!({"backend": "openai", "epochs": st.epochs, "batch_size": st.batch_size,
+            "lr_multiplier": st.lr_multiplier, "seed": seed, "suffix": st.suffix});
+        let out = self.step("train", label, params, inputs, waits, |x| {
+            let plan = crate::jobs::hosted::HostedPlan {
+                endpoint: endpoint.base_url.clone(),
+                api_key_env: endpoint
+                    .api_key_env
+                    .clone()
+                    .unwrap_or_else(|| crate::jobs::hosted::DEFAULT_KEY_ENV.into()),
+                base: parent.is_none().then(|| endpoint.model.clone()),
+                data: data.expect("known").to_hex(),
+                validation: eval.map(|e| e.to_hex()),
+                epochs: st.epochs,
+                batch_size: st.batch_size,
+                lr_multiplier: st.lr_multiplier,
+                seed,
+                suffix: st.suffix.clone(),
+                from: parent.map(|p| p.to_hex()),
+                retry_failed: false,
+                poll_interval: st.poll_interval.unwrap_or(30.0),
+                max_retries: endpoint.max_retries,
+                timeout_s: endpoint.timeout_s,
+            };
+            let r = crate::jobs::hosted::run(x.store, &plan, &mut |_| {})?;
+            Ok(vec![r.checkpoint.parse()?])
         })?;
         let cks = match out {
             Some(ids) => {
@@ -1029,13 +1112,31 @@ impl Exec<'_> {
                     ModelRef::Endpoint { endpoint, .. } => generate::run_endpoint(
                         x.store,
                         &EndpointGeneratePlan {
-                            endpoints: vec![endpoint.clone()],
+                            // A hosted stage's checkpoint: its `ft:` model, through the API
+                            // it was trained by.
+                            endpoints: vec![match ck {
+                                Some(c) => {
+                                    let mut h =
+                                        crate::jobs::hosted::checkpoint_endpoint(x.store, c)?
+                                            .ok_or_else(|| StudyError::Step {
+                                                label: format!("sample {label}"),
+                                                msg: format!(
+                                                    "checkpoint {} is not a hosted one",
+                                                    c.to_hex()
+                                                ),
+                                            })?;
+                                    h.api_key_env = endpoint.api_key_env.clone();
+                                    h.concurrency = endpoint.concurrency;
+                                    h
+                                }
+                                None => endpoint.clone(),
+                            }],
                             questions: q,
                             samples,
                             params: sampling,
                             system: e.system.clone(),
                             seed,
-                            checkpoint: None,
+                            checkpoint: ck,
                             batch: None,
                         },
                         &mut |_, _| {},

@@ -128,6 +128,56 @@ pub struct StageSpec {
     pub patience: Option<usize>,
     pub save_every: Option<usize>,
     pub bf16_base: Option<bool>,
+    /// A hosted stage (its chain starts from an endpoint model: fine-tuned through that
+    /// API's fine-tuning jobs): the learning-rate multiplier, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_multiplier: Option<f64>,
+    /// ... the `ft:` model's suffix, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    /// ... and the seconds between polls of its job (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<f64>,
+}
+
+impl StageSpec {
+    /// The options only a local (LoRA) run takes, by key, that this stage sets.
+    fn local_options(&self) -> Vec<&'static str> {
+        let set = [
+            ("preset", self.preset.is_some()),
+            ("max_steps", self.max_steps.is_some()),
+            ("seq_len", self.seq_len.is_some()),
+            ("overflow", self.overflow.is_some()),
+            ("lr", self.lr.is_some()),
+            ("micro_batch", self.micro_batch.is_some()),
+            ("warmup_steps", self.warmup_steps.is_some()),
+            ("schedule", self.schedule.is_some()),
+            ("weight_decay", self.weight_decay.is_some()),
+            ("max_grad_norm", self.max_grad_norm.is_some()),
+            ("r", self.r.is_some()),
+            ("alpha", self.alpha.is_some()),
+            ("rslora", self.rslora.is_some()),
+            ("dropout", self.dropout.is_some()),
+            ("targets", self.targets.is_some()),
+            ("layers", self.layers.is_some()),
+            ("early_stop_loss", self.early_stop_loss.is_some()),
+            ("patience", self.patience.is_some()),
+            ("save_every", self.save_every.is_some()),
+            ("bf16_base", self.bf16_base.is_some()),
+            ("eval_every", self.eval_every.is_some()),
+        ];
+        set.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect()
+    }
+
+    /// The options only a hosted run takes that this stage sets.
+    fn hosted_options(&self) -> Vec<&'static str> {
+        let set = [
+            ("lr_multiplier", self.lr_multiplier.is_some()),
+            ("suffix", self.suffix.is_some()),
+            ("poll_interval", self.poll_interval.is_some()),
+        ];
+        set.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect()
+    }
 }
 
 /// An evaluation: sampling a question set (then judging), or the likelihood probe.
@@ -562,21 +612,13 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
             return Err(l.error(t.name.span(), format!("`{n}` names another stage or model")));
         }
         match (&t.model, &t.from) {
-            (Some(m), None) => match s.models.get(m.get_ref()) {
-                None => {
-                    return Err(l.error(m.span(), format!("no model `{}` in [models]", m.get_ref())))
+            (Some(m), None) => {
+                if !s.models.contains_key(m.get_ref()) {
+                    return Err(
+                        l.error(m.span(), format!("no model `{}` in [models]", m.get_ref()))
+                    );
                 }
-                Some(mm) if mm.get_ref().endpoint.is_some() => {
-                    return Err(l.error(
-                        m.span(),
-                        format!(
-                            "model `{}` is an endpoint: local training needs a gguf or hf model",
-                            m.get_ref()
-                        ),
-                    ))
-                }
-                Some(_) => {}
-            },
+            }
             (None, Some(_)) => {}
             _ => {
                 return Err(l.error(
@@ -615,6 +657,38 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
                 ));
             }
             at = f.get_ref().clone();
+        }
+        // `at` is the chain's first stage: an endpoint model makes every stage of it hosted.
+        let root = stages[&at].get_ref().model.as_ref().map(|m| m.get_ref());
+        let hosted = root
+            .and_then(|m| s.models.get(m))
+            .is_some_and(|m| m.get_ref().endpoint.is_some());
+        let (wrong, kind) = if hosted {
+            (t.local_options(), "a hosted stage (its chain starts from an endpoint model, fine-tuned through that API)")
+        } else {
+            (
+                t.hosted_options(),
+                "a local stage (LoRA on a gguf or hf model)",
+            )
+        };
+        if !wrong.is_empty() {
+            return Err(l.error(
+                st.span(),
+                format!(
+                    "stage `{}` is {kind}: it takes no {}",
+                    t.name.get_ref(),
+                    wrong.join(", ")
+                ),
+            ));
+        }
+        if t.poll_interval.is_some_and(|p| !(p > 0.0 && p.is_finite())) {
+            return Err(l.error(
+                st.span(),
+                format!(
+                    "stage `{}`: poll_interval must be > 0 seconds",
+                    t.name.get_ref()
+                ),
+            ));
         }
     }
     let mut eval_names = BTreeSet::new();
