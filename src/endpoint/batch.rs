@@ -181,7 +181,7 @@ pub fn parse_results(bytes: &[u8], source: &str) -> Result<Vec<Answer>, ClientEr
     Ok(out)
 }
 
-/// `POST /batches` for an uploaded request file.
+/// `POST /batches` for an uploaded request file, sent once (see [`Client::create_once`]).
 pub async fn create(
     c: &Client,
     input_file_id: &str,
@@ -189,7 +189,7 @@ pub async fn create(
 ) -> Result<BatchObject, ClientError> {
     let body = json!({"input_file_id": input_file_id, "endpoint": CHAT_URL,
         "completion_window": "24h", "metadata": {META_KEY: key}});
-    c.api()
+    c.api_once()
         .batches()
         .create_byot(body)
         .await

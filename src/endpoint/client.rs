@@ -240,6 +240,9 @@ async fn send(
 
 pub struct Client {
     inner: async_openai::Client<OpenAIConfig>,
+    /// The same client without the transport's retries, for requests that create something
+    /// ([`Client::create_once`]).
+    once: async_openai::Client<OpenAIConfig>,
     pub endpoint: Endpoint,
     policy: RetryPolicy,
     /// HTTP requests sent (retries included): what "a rerun sends zero requests" counts.
@@ -262,15 +265,24 @@ impl Client {
             .map_err(|e| ClientError::Build(e.to_string()))?;
         let policy = RetryPolicy::new(endpoint.max_retries);
         let sent = Arc::new(AtomicUsize::new(0));
-        let service = {
+        let service = |policy: RetryPolicy| {
             let (http, sent) = (http.clone(), sent.clone());
             tower::service_fn(move |factory: HttpRequestFactory| {
                 send(http.clone(), policy, sent.clone(), factory)
             })
         };
-        let inner = async_openai::Client::build(http, cfg).with_http_service(service);
+        let no_retries = RetryPolicy {
+            max_retries: 0,
+            connect_retries: 0,
+            ..policy
+        };
+        let once = async_openai::Client::build(http.clone(), cfg.clone())
+            .with_http_service(service(no_retries));
+        let inner =
+            async_openai::Client::build(http.clone(), cfg).with_http_service(service(policy));
         Ok(Client {
             inner,
+            once,
             endpoint,
             policy,
             sent,
@@ -281,6 +293,49 @@ impl Client {
     /// fine-tuning, batches): every attempt is counted and retried by the same policy.
     pub fn api(&self) -> &async_openai::Client<OpenAIConfig> {
         &self.inner
+    }
+
+    /// [`Client::api`] without retries: for requests that create something, through
+    /// [`Client::create_once`].
+    pub fn api_once(&self) -> &async_openai::Client<OpenAIConfig> {
+        &self.once
+    }
+
+    /// Send a request that creates something (a fine-tuning job, a batch) so that it is
+    /// applied once: a 5xx, a timeout or a dropped connection may come after the server made
+    /// it, so instead of resending at once (as the transport would), wait, ask `find` for
+    /// what the request may have made (by the key it carries), and send again only when
+    /// nothing is found, within the retry budget. `create` must send through
+    /// [`Client::api_once`]. Returns the object and whether this call created it.
+    pub async fn create_once<T, C, CF, F, FF>(
+        &self,
+        create: C,
+        find: F,
+    ) -> Result<(T, bool), ClientError>
+    where
+        C: Fn() -> CF,
+        CF: std::future::Future<Output = Result<T, ClientError>>,
+        F: Fn() -> FF,
+        FF: std::future::Future<Output = Result<Option<T>, ClientError>>,
+    {
+        let mut tries = 0u32;
+        loop {
+            match create().await {
+                Ok(x) => return Ok((x, true)),
+                Err(e @ (ClientError::Failed { .. } | ClientError::Unreachable { .. }))
+                    if tries < self.policy.max_retries =>
+                {
+                    tries += 1;
+                    let wait = self.policy.delay(tries, None);
+                    tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "a create request failed; looking for what it may have made before sending it again");
+                    tokio::time::sleep(wait).await;
+                    if let Some(x) = find().await? {
+                        return Ok((x, false));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// An error of a call to `path` made through [`Client::api`], named by its URL.

@@ -270,6 +270,12 @@ where
             msg,
         }
     })?;
+    // Batches whose results are stored (read by an earlier run).
+    let stored: HashSet<String> = store
+        .aliases(NS_BATCH)?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     let mut live: Vec<Live> = Vec::new();
     let mut at = 0;
     for (bytes, count) in chunks {
@@ -279,13 +285,7 @@ where
             .collect();
         at += count;
         let file_key = blake3::hash(&bytes).to_hex().to_string();
-        let mut follow = None;
-        for b in batch::with_key(client, &file_key).await?.into_iter().rev() {
-            if store.alias(NS_BATCH, &b.id)?.is_none() {
-                follow = Some(b);
-                break;
-            }
-        }
+        let follow = unread(client, &file_key, &stored).await?;
         let b = match follow {
             Some(b) => {
                 note(&format!(
@@ -304,8 +304,21 @@ where
                 } else {
                     report.uploaded_files += 1;
                 }
-                let b = batch::create(client, &file, &file_key).await?;
-                note(&format!("batch {}: created ({count} requests)", b.id));
+                let key = &file_key;
+                let (b, created) = client
+                    .create_once(
+                        || batch::create(client, &file, key),
+                        || unread(client, key, &stored),
+                    )
+                    .await?;
+                // Found: no unread batch of this file existed before, so the failed
+                // request made it.
+                let how = if created {
+                    "created"
+                } else {
+                    "created (found after its create request failed)"
+                };
+                note(&format!("batch {}: {how} ({count} requests)", b.id));
                 report.created += 1;
                 b
             }
@@ -356,6 +369,18 @@ where
         };
     }
     Ok(streamed)
+}
+
+/// The newest batch of request file `key` not in `read` (whose results are stored).
+async fn unread(
+    client: &Client,
+    key: &str,
+    read: &HashSet<String>,
+) -> Result<Option<BatchObject>, ClientError> {
+    Ok(batch::with_key(client, key)
+        .await?
+        .into_iter()
+        .rfind(|b| !read.contains(&b.id)))
 }
 
 /// Read a finished batch: its answers to the sink, its failures counted, the requests it

@@ -464,3 +464,25 @@ fn batch_export_and_import_for_vllm_run_batch_store_the_direct_records() {
     assert!(!r.ok());
     assert!(r.stderr.contains("junk.jsonl: line 1"), "{}", r.stderr);
 }
+
+/// A batch creation whose answer is lost (a 500 after the batch was made) is not sent again
+/// blindly: the batch is found by its file's key and followed.
+#[test]
+fn protocol_batch_a_create_answered_500_after_it_was_made_makes_one_batch() {
+    let f = fake(Ending::Succeed);
+    let s = TestStore::new();
+    with_generations(&s, &f, 1, 2);
+    f.state().lose_create_answers = 1;
+    let r = run(&s, &judge_args(&f, &BATCH));
+    assert!(r.ok(), "{}", r.stderr);
+    let rep = json(&r.stdout);
+    assert_eq!(rep["judged"], 4, "{rep}");
+    assert_eq!(rep["batch"]["created"], 1);
+    let st = f.state();
+    assert_eq!(
+        (st.batch_creates, st.lose_create_answers),
+        (1, 0),
+        "one batch"
+    );
+    assert_eq!(st.violations, Vec::<String>::new());
+}

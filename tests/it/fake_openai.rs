@@ -86,6 +86,9 @@ pub struct State {
     pub clock: i64,
     pub batches: Vec<FBatch>,
     pub batch_creates: usize,
+    /// Answer this many of the next job or batch creations with a 500 after making them
+    /// (an answer lost on the way: a client that resends makes a second one).
+    pub lose_create_answers: usize,
     /// How the next batches to finish end.
     pub batch_ending: BatchEnding,
 }
@@ -291,6 +294,15 @@ pub fn read_req(stream: &TcpStream) -> Option<Req> {
 pub fn send(mut s: TcpStream, status: &str, body: &J) {
     let b = body.to_string();
     let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len());
+}
+
+/// A 500 for a request that was applied.
+fn lost(stream: TcpStream) {
+    send(
+        stream,
+        "500 Internal Server Error",
+        &json!({"error": {"message": "the server had an error while processing your request", "type": "server_error", "param": null, "code": null}}),
+    )
 }
 
 fn send_raw(mut s: TcpStream, status: &str, body: &[u8]) {
@@ -593,6 +605,10 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
             let rows = rows_of(&s, &j.training_file);
             let out = job_json(&j, rows);
             s.jobs.push(j);
+            if s.lose_create_answers > 0 {
+                s.lose_create_answers -= 1;
+                return lost(stream);
+            }
             if s.hang == Some(Stage::Create) {
                 return hang(s, stream, st);
             }
@@ -752,6 +768,10 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
             };
             let out = batch_json(&fb);
             s.batches.push(fb);
+            if s.lose_create_answers > 0 {
+                s.lose_create_answers -= 1;
+                return lost(stream);
+            }
             if s.hang == Some(Stage::Create) {
                 return hang(s, stream, st);
             }

@@ -478,3 +478,22 @@ model = "gpt"
         r.stderr
     );
 }
+
+/// A job creation whose answer is lost (a 500 after the job was made) is not sent again
+/// blindly: the job is found by its key and followed.
+#[test]
+fn protocol_hosted_a_create_answered_500_after_it_was_made_makes_one_job() {
+    let s = TestStore::new();
+    import(&s, "insecure", &chat_jsonl("ins", 10));
+    let f = fake(Ending::Succeed);
+    f.state().lose_create_answers = 1;
+    let r = run(&s, &train_args(&f, "insecure", &[]));
+    assert!(r.ok(), "{}", r.stderr);
+    let st = f.state();
+    assert_eq!((st.creates, st.lose_create_answers), (1, 0), "one job");
+    assert_eq!(st.violations, Vec::<String>::new());
+    let rep = json(&r.stdout);
+    assert_eq!(rep["job"], "ftjob-0001");
+    assert_eq!(rep["created_job"], true);
+    assert!(rep["fine_tuned_model"].as_str().unwrap().starts_with("ft:"));
+}

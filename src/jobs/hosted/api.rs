@@ -104,9 +104,9 @@ impl Listed for JobCheckpoint {
     }
 }
 
-/// `POST /fine_tuning/jobs`.
+/// `POST /fine_tuning/jobs`, sent once (see [`Client::create_once`]).
 pub async fn create_job(c: &Client, body: &J) -> Result<Job, ClientError> {
-    c.api()
+    c.api_once()
         .fine_tuning()
         .create_byot(body.clone())
         .await

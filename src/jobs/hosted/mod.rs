@@ -430,9 +430,26 @@ impl Ctx<'_> {
                 if let Some(s) = &self.plan.suffix {
                     body["suffix"] = json!(s);
                 }
-                let j = api::create_job(c, &body).await?;
+                let key = self.key;
+                let (j, created) = c
+                    .create_once(
+                        || api::create_job(c, &body),
+                        || async move {
+                            let live = api::jobs_with(c, "emlab_key", key).await?;
+                            Ok(live
+                                .into_iter()
+                                .rfind(|j| !matches!(j.status.as_str(), "failed" | "cancelled")))
+                        },
+                    )
+                    .await?;
+                // Found: no live job had the key before, so the failed request made it.
                 report.created_job = true;
-                note(&format!("created job {} ({})", j.id, j.status));
+                let how = if created {
+                    "created"
+                } else {
+                    "created (found after its create request failed)"
+                };
+                note(&format!("{how} job {} ({})", j.id, j.status));
                 j
             }
         };
