@@ -87,11 +87,14 @@ fn protocol_batch_judged_store_holds_the_direct_judgment_ids_and_reruns_send_not
     assert_eq!(json(&r.stdout)["judged"], 12);
     assert_eq!(f.state().batch_creates, 0);
 
-    // Five requests per file: 12 requests go as 5 + 5 + 2.
-    let mut args = judge_args(&f, &BATCH);
+    // Five requests per file: 12 requests go as 5 + 5 + 2 (logging everything).
+    let mut args = vec!["-vv"];
+    args.extend(judge_args(&f, &BATCH));
     args.extend(["--batch-max-requests", "5"]);
     let r = run(&batched, &args);
     assert!(r.ok(), "{}", r.stderr);
+    assert!(r.stderr.contains("DEBUG"), "-vv logged nothing: {}", r.stderr);
+    assert!(!r.stderr.contains(KEY) && !r.stdout.contains(KEY), "the key is in the logs");
     let rep = json(&r.stdout);
     assert_eq!(rep["judged"], 12, "{rep}");
     assert_eq!(rep["failed"], 0);
@@ -150,6 +153,9 @@ fn protocol_batch_judged_store_holds_the_direct_judgment_ids_and_reruns_send_not
             "the key is in a batch file"
         );
     }
+    let r = run(&batched, &["export"]);
+    assert!(r.ok(), "{}", r.stderr);
+    assert!(files_under(&batched.dir()).iter().any(|p| p.extension().is_some_and(|e| e == "parquet")));
     assert_nowhere_under(&batched.dir(), KEY);
 }
 
