@@ -217,8 +217,10 @@ impl BatchApiArgs {
                 "--batch-api sends through one endpoint's Batch API, not a pool of {n}\nhint: give one --endpoint"
             ),
         }
-        if !(self.poll_interval.is_finite() && self.poll_interval >= 0.0) {
-            anyhow::bail!("--poll-interval must be a number of seconds >= 0");
+        if !(self.poll_interval > 0.0 && self.poll_interval <= 86_400.0) {
+            anyhow::bail!(
+                "--poll-interval must be a number of seconds above 0 and at most 86400 (a day)"
+            );
         }
         Ok(Some(emlab::jobs::batch::Mode::Api(
             emlab::jobs::batch::ApiOptions {

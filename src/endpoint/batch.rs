@@ -263,8 +263,14 @@ mod tests {
             a[2].result.as_ref().unwrap_err(),
             "batch_expired: not answered in time"
         );
-        let e = parse_results(b"{\"custom_id\": \"x\"}\nnot json\n", "out.jsonl").unwrap_err();
-        assert!(e.to_string().contains("out.jsonl: line 1"), "{e}");
+        let e = parse_results(format!("{ok}\nnot json\n").as_bytes(), "out.jsonl").unwrap_err();
+        assert!(e.to_string().contains("out.jsonl: line 2: not JSON"), "{e}");
+        let e = parse_results(b"{\"custom_id\": \"x\"}\n", "out.jsonl").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("line 1: neither `response` nor `error`"),
+            "{e}"
+        );
         let e = parse_results(b"{\"response\": {}}\n", "out.jsonl").unwrap_err();
         assert!(e.to_string().contains("line 1: no `custom_id`"), "{e}");
     }

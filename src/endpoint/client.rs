@@ -68,6 +68,8 @@ pub enum ClientError {
     },
     #[error("unexpected answer from {url}: {msg}")]
     Protocol { url: String, msg: String },
+    #[error("{from}: {msg}")]
+    Unanswered { from: String, msg: String },
     #[error("{}: {msg}", path.display())]
     Io {
         path: std::path::PathBuf,
@@ -94,6 +96,10 @@ impl Hint for ClientError {
             }
             ClientError::Refused { msg, .. } if msg.starts_with("404") => Some(
                 "check --endpoint (the base URL ends in /v1) and --model-name (the name the server serves)"
+                    .into(),
+            ),
+            ClientError::Unanswered { .. } => Some(
+                "what came back is stored; rerun the same command to send only the rest in a new batch (for a result file: `emlab batch export` again, run it, and import its results)"
                     .into(),
             ),
             ClientError::Failed { .. } => Some(
@@ -326,11 +332,14 @@ impl Client {
                     if tries < self.policy.max_retries =>
                 {
                     tries += 1;
-                    let wait = self.policy.delay(tries, None);
+                    // A list may show a new object late: look twice, a while apart.
+                    let wait = self.policy.delay(tries, None).max(Duration::from_secs(1));
                     tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "a create request failed; looking for what it may have made before sending it again");
-                    tokio::time::sleep(wait).await;
-                    if let Some(x) = find().await? {
-                        return Ok((x, false));
+                    for _ in 0..2 {
+                        tokio::time::sleep(wait).await;
+                        if let Some(x) = find().await? {
+                            return Ok((x, false));
+                        }
                     }
                 }
                 Err(e) => return Err(e),

@@ -85,7 +85,7 @@ pub async fn list(c: &Client, purpose: &str) -> Result<Vec<FileObject>, ClientEr
     .await
 }
 
-/// `POST /files` (multipart: `file`, `purpose`).
+/// `POST /files` (multipart: `file`, `purpose`), sent once (see [`Client::create_once`]).
 pub async fn upload(
     c: &Client,
     filename: &str,
@@ -102,7 +102,7 @@ pub async fn upload(
         purpose,
         expires_after: None,
     };
-    c.api()
+    c.api_once()
         .files()
         .create_byot(req)
         .await
@@ -119,14 +119,22 @@ pub async fn ensure(
     purpose: FilePurpose,
     purpose_name: &str,
 ) -> Result<(String, bool), ClientError> {
-    let found = list(c, purpose_name).await?;
-    if let Some(f) = found
-        .iter()
-        .find(|f| f.filename == filename && f.bytes == bytes.len() as u64)
-    {
-        return Ok((f.id.clone(), true));
+    let find = || async {
+        let found = list(c, purpose_name).await?;
+        Ok(found
+            .into_iter()
+            .find(|f| f.filename == filename && f.bytes == bytes.len() as u64))
+    };
+    if let Some(f) = find().await? {
+        return Ok((f.id, true));
     }
-    let f = upload(c, filename, bytes.to_vec(), purpose).await?;
+    // An upload that failed may still have stored the file: it is looked for before resending.
+    let (f, _) = c
+        .create_once(
+            || upload(c, filename, bytes.to_vec(), purpose.clone()),
+            find,
+        )
+        .await?;
     if f.bytes != 0 && f.bytes != bytes.len() as u64 {
         return Err(ClientError::Protocol {
             url: c.endpoint.url("files"),

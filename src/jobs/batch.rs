@@ -9,23 +9,31 @@
 //!
 //! - requests are split into files under the API's limits ([`batch::MAX_REQUESTS`],
 //!   [`batch::MAX_BYTES`]), each named by the BLAKE3 of its bytes
-//!   (`emlab-batch-<blake3>.jsonl`); one already uploaded (a run killed after its upload) is
-//!   reused;
-//! - each batch carries that BLAKE3 in its metadata ([`batch::META_KEY`]); a rerun follows a
-//!   batch with its file's key that it has not read yet instead of creating another;
+//!   (`emlab-batch-<blake3>.jsonl`) and carrying that BLAKE3 in its batch's metadata
+//!   ([`batch::META_KEY`]);
+//! - before a file is uploaded, an *attempt* is stored: a `run` record of kind
+//!   [`OPEN_KIND`] holding the file's BLAKE3 and its requests' keys, aliased in [`NS_OPEN`].
+//!   A rerun first follows the batch of every attempt left open whose requests it still
+//!   plans (found by the BLAKE3), and sends only the requests no open batch holds; an open
+//!   attempt without a batch (killed before the batch was created) is closed, and its
+//!   requests go out again, its file reused if it was uploaded (found by name and size);
+//! - a creation (of the file or the batch) whose answer is lost is looked for before it is
+//!   sent again ([`crate::endpoint::Client::create_once`]);
 //! - a finished batch's output and error files are read, its answers stored, and a `run`
-//!   record of kind [`RUN_KIND`] written in the same commit with the alias [`NS_BATCH`]
-//!   (batch id -> that record): a batch is read once;
-//! - an expired, cancelled or failed batch keeps what came back; the requests it did not
-//!   answer are reported failed, and a rerun (which plans only what is not stored) sends
-//!   only them, in a new file.
+//!   record of kind [`RUN_KIND`] written in the same commit with the aliases [`NS_BATCH`]
+//!   (batch id -> that record) and [`NS_CLOSED`] (its attempt -> that record): a batch is
+//!   read once;
+//! - an expired, cancelled or failed batch keeps what came back, and one whose results can
+//!   no longer be read (a file gone, a line that is not a result) is closed the same way;
+//!   the requests it did not answer are reported failed, and a rerun (which plans only what
+//!   is not stored) sends only them, in a new file.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_openai::types::files::FilePurpose;
-use emlab_store::{Batch, Store};
+use emlab_store::{Batch, Id, Store};
 use serde_json::{json, Value as J};
 
 use crate::endpoint::batch::{self, BatchObject};
@@ -37,6 +45,15 @@ use crate::provenance::build;
 pub const NS_BATCH: &str = "batch";
 /// The `run` kind of a batch read.
 pub const RUN_KIND: &str = "batch";
+/// Alias namespace: attempt (its record's id) -> the `run` record of kind [`OPEN_KIND`]
+/// stored before a request file is uploaded and its batch created: what it holds.
+pub const NS_OPEN: &str = "batch-open";
+/// The `run` kind of an attempt: the request file's BLAKE3, its requests' keys (a blob),
+/// the endpoint and model.
+pub const OPEN_KIND: &str = "batch-open";
+/// Alias namespace: attempt -> the record that closed it (its batch read, or the attempt
+/// itself when its batch was never created).
+pub const NS_CLOSED: &str = "batch-closed";
 /// Answers staged between commits when importing a result file.
 const IMPORT_FLUSH: usize = 1024;
 
@@ -45,7 +62,8 @@ const IMPORT_FLUSH: usize = 1024;
 pub enum Mode {
     /// The OpenAI Batch API of the endpoint.
     Api(ApiOptions),
-    /// Write the request JSONL to this file (nothing is sent or stored).
+    /// Write the request JSONL to this file (nothing is sent and no answer stored; the
+    /// plan's own records, such as a sampling run's prompts, are).
     Export(PathBuf),
     /// Read the answers from this result JSONL (`vllm run-batch -o`, or a Batch API output).
     Import(PathBuf),
@@ -135,7 +153,7 @@ where
                 msg: e.to_string(),
             })?;
             let source = path.display().to_string();
-            let answers = batch::parse_results(&bytes, &source)?;
+            let answers = one_each(batch::parse_results(&bytes, &source)?);
             let mut streamed = StreamReport::default();
             let mut staged = Batch::new();
             let mut n = 0;
@@ -159,11 +177,7 @@ where
                 }
             }
             store.write(staged)?;
-            missing(
-                &mut streamed,
-                by_key.len(),
-                &format!("no answer in {source}"),
-            );
+            missing(&mut streamed, by_key.len(), &source, "not in the file");
             progress(streamed.ok + streamed.failed);
             Ok((streamed, report))
         }
@@ -209,8 +223,8 @@ where
         }
         Err(msg) => {
             streamed.failed += 1;
-            streamed.first_error.get_or_insert(ClientError::Refused {
-                url: source.to_string(),
+            streamed.first_error.get_or_insert(ClientError::Unanswered {
+                from: source.to_string(),
                 msg,
             });
         }
@@ -218,13 +232,13 @@ where
     Ok(())
 }
 
-/// Count `n` requests that got no answer at all.
-fn missing(streamed: &mut StreamReport, n: usize, why: &str) {
+/// Count `n` requests `source` gave no answer at all.
+fn missing(streamed: &mut StreamReport, n: usize, source: &str, why: &str) {
     if n > 0 {
         streamed.failed += n;
-        streamed.first_error.get_or_insert(ClientError::Refused {
-            url: "batch".into(),
-            msg: format!("{n} requests: {why}"),
+        streamed.first_error.get_or_insert(ClientError::Unanswered {
+            from: source.to_string(),
+            msg: format!("{n} requests without an answer: {why}"),
         });
     }
 }
@@ -239,11 +253,43 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// A batch being followed, with the keys of its requests.
+/// A batch being followed: its attempt (the write-ahead record's alias name), its file's
+/// BLAKE3 and the keys of its requests.
 struct Live {
     batch: BatchObject,
-    keys: Vec<String>,
+    attempt: String,
     file_key: String,
+    keys: Vec<String>,
+}
+
+/// What an attempt's write-ahead record says.
+struct Attempt {
+    file_key: String,
+    keys: Vec<String>,
+    endpoint: String,
+    model: String,
+}
+
+fn attempt_of(store: &Store, rec: Id) -> Result<Attempt, emlab_store::Error> {
+    let plan = store
+        .get(rec)?
+        .get("plan")
+        .map(emlab_store::Value::to_json)
+        .unwrap_or_default();
+    let s = |k: &str| plan[k].as_str().unwrap_or_default().to_string();
+    let keys = match s("keys").parse::<Id>() {
+        Ok(blob) => String::from_utf8_lossy(&store.read_blob(blob)?)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    Ok(Attempt {
+        file_key: s("input_blake3"),
+        keys,
+        endpoint: s("endpoint"),
+        model: s("model"),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -263,6 +309,61 @@ where
     E: From<emlab_store::Error> + From<ClientError>,
 {
     let mut streamed = StreamReport::default();
+    // Batches whose results are stored, and attempts closed (read or never created).
+    let read: HashSet<String> = store
+        .aliases(NS_BATCH)?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let closed: HashSet<String> = store
+        .aliases(NS_CLOSED)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut live: Vec<Live> = Vec::new();
+    // First the attempts an earlier run left open that hold requests planned here: their
+    // batches are followed, and their requests are not sent again.
+    let mut in_flight: HashSet<String> = HashSet::new();
+    for (name, rec) in store.aliases(NS_OPEN)? {
+        if closed.contains(&name) {
+            continue;
+        }
+        let a = attempt_of(store, rec)?;
+        let ours = a.endpoint == client.endpoint.base_url
+            && a.model == client.endpoint.model
+            && a.keys.iter().any(|k| by_key.contains_key(k));
+        if !ours {
+            continue;
+        }
+        match unread(client, &a.file_key, &read).await? {
+            Some(b) => {
+                note(&format!(
+                    "batch {}: following it ({}, {} requests, sent by an earlier run)",
+                    b.id,
+                    b.status,
+                    a.keys.len()
+                ));
+                report.followed += 1;
+                in_flight.extend(a.keys.iter().cloned());
+                live.push(Live {
+                    batch: b,
+                    attempt: name,
+                    file_key: a.file_key,
+                    keys: a.keys,
+                });
+            }
+            None => {
+                // Killed before its batch was created: its requests go out below.
+                let mut staged = Batch::new();
+                staged.alias(NS_CLOSED, &name, rec);
+                store.write(staged)?;
+            }
+        }
+    }
+    let lines: Vec<(String, String)> = lines
+        .into_iter()
+        .filter(|(k, _)| !in_flight.contains(k))
+        .collect();
     let text: Vec<String> = lines.iter().map(|(_, l)| l.clone()).collect();
     let chunks = batch::split(&text, opts.max_requests, opts.max_bytes).map_err(|msg| {
         ClientError::Protocol {
@@ -270,13 +371,6 @@ where
             msg,
         }
     })?;
-    // Batches whose results are stored (read by an earlier run).
-    let stored: HashSet<String> = store
-        .aliases(NS_BATCH)?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    let mut live: Vec<Live> = Vec::new();
     let mut at = 0;
     for (bytes, count) in chunks {
         let keys: Vec<String> = lines[at..at + count]
@@ -285,57 +379,52 @@ where
             .collect();
         at += count;
         let file_key = blake3::hash(&bytes).to_hex().to_string();
-        let follow = unread(client, &file_key, &stored).await?;
-        let b = match follow {
-            Some(b) => {
-                note(&format!(
-                    "batch {}: following it ({}, {count} requests)",
-                    b.id, b.status
-                ));
-                report.followed += 1;
-                b
-            }
-            None => {
-                let name = format!("emlab-batch-{file_key}.jsonl");
-                let (file, found) =
-                    files::ensure(client, &name, &bytes, FilePurpose::Batch, "batch").await?;
-                if found {
-                    report.reused_files += 1;
-                } else {
-                    report.uploaded_files += 1;
-                }
-                let key = &file_key;
-                let (b, created) = client
-                    .create_once(
-                        || batch::create(client, &file, key),
-                        || unread(client, key, &stored),
-                    )
-                    .await?;
-                // Found: no unread batch of this file existed before, so the failed
-                // request made it.
-                let how = if created {
-                    "created"
-                } else {
-                    "created (found after its create request failed)"
-                };
-                note(&format!("batch {}: {how} ({count} requests)", b.id));
-                report.created += 1;
-                b
-            }
+        // Write-ahead: the attempt is stored before anything is sent, so a run killed at
+        // any point finds it.
+        let blob = store.put_blob(keys.join("\n").as_bytes())?;
+        let plan = json!({"input_blake3": file_key, "requests": count, "keys": blob.to_hex(),
+            "endpoint": client.endpoint.base_url, "model": client.endpoint.model,
+            "time": crate::util::time::now_rfc3339()});
+        let rec = store.put(&build::run(OPEN_KIND, &plan, []))?;
+        let attempt = rec.to_hex();
+        store.set_alias(NS_OPEN, &attempt, rec)?;
+        let name = format!("emlab-batch-{file_key}.jsonl");
+        let (file, found) =
+            files::ensure(client, &name, &bytes, FilePurpose::Batch, "batch").await?;
+        if found {
+            report.reused_files += 1;
+        } else {
+            report.uploaded_files += 1;
+        }
+        let key = &file_key;
+        let (b, created) = client
+            .create_once(
+                || batch::create(client, &file, key),
+                || unread(client, key, &read),
+            )
+            .await?;
+        // Found: no unread batch of this file existed before, so the failed request made it.
+        let how = if created {
+            "created"
+        } else {
+            "created (found after its create request failed)"
         };
+        note(&format!("batch {}: {how} ({count} requests)", b.id));
+        report.created += 1;
         live.push(Live {
             batch: b,
-            keys,
+            attempt,
             file_key,
+            keys,
         });
     }
-    let base = Duration::from_secs_f64(opts.poll_interval.max(0.0));
+    let base = Duration::from_secs_f64(opts.poll_interval.clamp(0.001, 86_400.0));
     let mut wait = base;
     loop {
         let (done, pending): (Vec<Live>, Vec<Live>) =
             live.into_iter().partition(|l| l.batch.finished());
         for l in done {
-            read(
+            read_batch(
                 store,
                 client,
                 l,
@@ -383,10 +472,56 @@ async fn unread(
         .rfind(|b| !read.contains(&b.id)))
 }
 
+/// One answer per request: the first answer, or a later one when the first is an error (a
+/// file holding both an output and an error file's lines).
+fn one_each(answers: Vec<batch::Answer>) -> Vec<batch::Answer> {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<batch::Answer> = Vec::new();
+    for a in answers {
+        match at.get(&a.custom_id) {
+            Some(&i) => {
+                if out[i].result.is_err() && a.result.is_ok() {
+                    out[i] = a;
+                }
+            }
+            None => {
+                at.insert(a.custom_id.clone(), out.len());
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+/// The answers of a finished batch, or why they cannot be read: `Ok(Err(msg))` when they
+/// never will be (a file the API no longer has, a line that is not a result), an error when
+/// a rerun may succeed (the API unreachable).
+async fn answers_of(
+    client: &Client,
+    b: &BatchObject,
+) -> Result<Result<Vec<batch::Answer>, String>, ClientError> {
+    let mut answers = Vec::new();
+    for f in [&b.output_file_id, &b.error_file_id].into_iter().flatten() {
+        let source = format!("batch {} (file {f})", b.id);
+        let bytes = match files::content(client, f).await {
+            Ok(bytes) => bytes,
+            Err(e @ ClientError::Refused { .. }) => return Ok(Err(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        match batch::parse_results(&bytes, &source) {
+            Ok(a) => answers.extend(a),
+            Err(e) => return Ok(Err(e.to_string())),
+        }
+    }
+    Ok(Ok(one_each(answers)))
+}
+
 /// Read a finished batch: its answers to the sink, its failures counted, the requests it
-/// never answered counted failed, and its `run` record and alias, all in one commit.
+/// never answered counted failed, and its `run` record with the aliases that close it, all
+/// in one commit. A batch whose results can never be read is closed the same way, its
+/// requests failed: a rerun sends them again.
 #[allow(clippy::too_many_arguments)]
-async fn read<T, S, E>(
+async fn read_batch<T, S, E>(
     store: &Store,
     client: &Client,
     l: Live,
@@ -402,23 +537,21 @@ where
 {
     let b = &l.batch;
     let source = format!("batch {}", b.id);
-    let mut answers = Vec::new();
-    for f in [&b.output_file_id, &b.error_file_id].into_iter().flatten() {
-        let bytes = files::content(client, f).await?;
-        answers.extend(batch::parse_results(
-            &bytes,
-            &format!("{source} (file {f})"),
-        )?);
-    }
+    let (answers, unreadable) = match answers_of(client, b).await? {
+        Ok(a) => (a, None),
+        Err(msg) => (Vec::new(), Some(msg)),
+    };
     let mine: HashSet<&str> = l.keys.iter().map(String::as_str).collect();
     let mut staged = Batch::new();
     let (mut answered, mut failed) = (0usize, 0usize);
     let mut seen: HashSet<String> = HashSet::new();
     for a in answers {
-        if !mine.contains(a.custom_id.as_str()) || !seen.insert(a.custom_id.clone()) {
+        if !mine.contains(a.custom_id.as_str()) {
             report.unmatched += 1;
             continue;
         }
+        seen.insert(a.custom_id.clone());
+        // Not planned here: stored since (e.g. by a direct run).
         let Some(job) = by_key.remove(&a.custom_id) else {
             continue;
         };
@@ -429,19 +562,28 @@ where
         }
         take(streamed, &mut staged, sink, job, a.result, &source)?;
     }
-    let unanswered: Vec<&String> = l.keys.iter().filter(|k| !seen.contains(*k)).collect();
+    let unanswered: Vec<&String> = l
+        .keys
+        .iter()
+        .filter(|k| !seen.contains(*k) && by_key.contains_key(*k))
+        .collect();
     for k in &unanswered {
         by_key.remove(*k);
     }
-    missing(streamed, unanswered.len(), &b.error_message());
+    let why = match &unreadable {
+        Some(msg) => format!("its results cannot be read: {msg}"),
+        None => b.error_message(),
+    };
+    missing(streamed, unanswered.len(), &source, &why);
     let plan = json!({"batch": b.id, "status": b.status, "endpoint": client.endpoint.base_url,
         "model": client.endpoint.model, "input_file_id": b.input_file_id,
         "input_blake3": l.file_key, "output_file_id": b.output_file_id,
         "error_file_id": b.error_file_id, "requests": l.keys.len(), "answered": answered,
         "failed": failed, "unanswered": unanswered.len(), "request_counts": b.request_counts,
-        "time": crate::util::time::now_rfc3339()});
+        "unreadable": unreadable, "time": crate::util::time::now_rfc3339()});
     let id = store.stage(&mut staged, &build::run(RUN_KIND, &plan, []))?;
     staged.alias(NS_BATCH, &b.id, id);
+    staged.alias(NS_CLOSED, &l.attempt, id);
     store.write(staged)?;
     note(&format!(
         "batch {}: {}; {answered} answered, {failed} failed, {} never answered",

@@ -93,8 +93,15 @@ fn protocol_batch_judged_store_holds_the_direct_judgment_ids_and_reruns_send_not
     args.extend(["--batch-max-requests", "5"]);
     let r = run(&batched, &args);
     assert!(r.ok(), "{}", r.stderr);
-    assert!(r.stderr.contains("DEBUG"), "-vv logged nothing: {}", r.stderr);
-    assert!(!r.stderr.contains(KEY) && !r.stdout.contains(KEY), "the key is in the logs");
+    assert!(
+        r.stderr.contains("DEBUG"),
+        "-vv logged nothing: {}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains(KEY) && !r.stdout.contains(KEY),
+        "the key is in the logs"
+    );
     let rep = json(&r.stdout);
     assert_eq!(rep["judged"], 12, "{rep}");
     assert_eq!(rep["failed"], 0);
@@ -155,7 +162,9 @@ fn protocol_batch_judged_store_holds_the_direct_judgment_ids_and_reruns_send_not
     }
     let r = run(&batched, &["export"]);
     assert!(r.ok(), "{}", r.stderr);
-    assert!(files_under(&batched.dir()).iter().any(|p| p.extension().is_some_and(|e| e == "parquet")));
+    assert!(files_under(&batched.dir())
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "parquet")));
     assert_nowhere_under(&batched.dir(), KEY);
 }
 
@@ -462,13 +471,15 @@ fn batch_export_and_import_for_vllm_run_batch_store_the_direct_records() {
     );
 
     // A result file that is not one names the line.
-    let junk = batched.write(
-        "junk.jsonl",
-        b"{\"custom_id\": \"a\", \"response\": null, \"error\": null}\nnot json\n",
-    );
+    let good = std::fs::read_to_string(batched.path("last.jsonl")).unwrap();
+    let junk = batched.write("junk.jsonl", format!("{good}not json\n").as_bytes());
     let r = import(&junk);
     assert!(!r.ok());
-    assert!(r.stderr.contains("junk.jsonl: line 1"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("junk.jsonl: line 2: not JSON"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// A batch creation whose answer is lost (a 500 after the batch was made) is not sent again
@@ -491,4 +502,77 @@ fn protocol_batch_a_create_answered_500_after_it_was_made_makes_one_batch() {
         "one batch"
     );
     assert_eq!(st.violations, Vec::<String>::new());
+}
+
+/// Killed after reading one batch (expired, half answered) while another is still running:
+/// the rerun follows the running batch and sends only the first one's unanswered requests,
+/// although what is left to ask no longer splits into the same files.
+#[test]
+fn protocol_batch_kill_between_batches_then_rerun_follows_the_open_one_and_resends_nothing_twice() {
+    let f = fake(Ending::Succeed);
+    let s = TestStore::new();
+    with_generations(&s, &f, 1, 5);
+    {
+        let mut st = f.state();
+        st.batch_ending = BatchEnding::ExpireHalf;
+        st.slow.insert("batch_0002".into());
+    }
+    let mut args = judge_args(&f, &BATCH);
+    args.extend(["--batch-max-requests", "5"]);
+    let mut child = cmd(&s.dir(), &args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Batch 1's two files downloaded, then batch 2 polled again: batch 1 is read and stored.
+    let t = Instant::now();
+    while !f
+        .state()
+        .retrieved
+        .iter()
+        .any(|(b, d)| b == "batch_0002" && *d >= 2)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "batch 1 was never read"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        ids_in(&s.dir(), "judgment").len(),
+        2,
+        "batch 1 answered two of five"
+    );
+    {
+        let mut st = f.state();
+        st.batch_ending = BatchEnding::Complete;
+        st.slow.clear();
+    }
+    let r = run(&s, &args);
+    assert!(r.ok(), "{}", r.stderr);
+    let rep = json(&r.stdout);
+    assert_eq!(rep["judged"], 8, "{rep}");
+    assert_eq!(rep["batch"]["followed"], 1, "{rep}");
+    assert_eq!(rep["batch"]["created"], 1, "{rep}");
+    let files = batch_files(&f);
+    let id = |l: &J| l["custom_id"].as_str().unwrap().to_string();
+    let sets: Vec<BTreeSet<String>> = files.iter().map(|f| f.iter().map(id).collect()).collect();
+    assert_eq!(
+        sets.iter().map(BTreeSet::len).collect::<Vec<_>>(),
+        [5, 5, 3]
+    );
+    assert!(
+        sets[2].is_disjoint(&sets[1]),
+        "the running batch's requests were sent again"
+    );
+    let first: Vec<String> = files[0].iter().map(id).collect();
+    assert_eq!(
+        sets[2],
+        first[2..].iter().cloned().collect(),
+        "only batch 1's unanswered go again"
+    );
+    assert_eq!(ids_in(&s.dir(), "judgment").len(), 10);
+    assert_eq!(f.state().violations, Vec::<String>::new());
 }

@@ -89,6 +89,11 @@ pub struct State {
     /// Answer this many of the next job or batch creations with a 500 after making them
     /// (an answer lost on the way: a client that resends makes a second one).
     pub lose_create_answers: usize,
+    /// Batches that stay `in_progress` while named here.
+    pub slow: std::collections::HashSet<String>,
+    /// Every `GET /batches/{id}`, in order, and the file downloads before each.
+    pub retrieved: Vec<(String, usize)>,
+    pub downloads: usize,
     /// How the next batches to finish end.
     pub batch_ending: BatchEnding,
 }
@@ -704,7 +709,11 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
             send(stream, "200 OK", &page(items, &req.query))
         }
         ("GET", ["files", id, "content"]) => match s.files.iter().find(|f| f.0 == *id) {
-            Some(f) => send_raw(stream, "200 OK", &f.2),
+            Some(f) => {
+                let body = f.2.clone();
+                s.downloads += 1;
+                send_raw(stream, "200 OK", &body)
+            }
             None => send(
                 stream,
                 "404 Not Found",
@@ -796,7 +805,11 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
             if s.hang == Some(Stage::Poll) {
                 return hang(s, stream, st);
             }
+            let seen = (id.to_string(), s.downloads);
+            s.retrieved.push(seen);
+            let slow = s.slow.contains(*id) && s.batches[k].status() == "in_progress";
             let next = match s.batches[k].status() {
+                _ if slow => None,
                 "validating" => Some("in_progress"),
                 "in_progress" => Some("finalizing"),
                 "finalizing" => Some(match s.batch_ending {

@@ -261,9 +261,9 @@ pub fn run(
     plan: &HostedPlan,
     note: &mut dyn FnMut(&str),
 ) -> Result<HostedReport, HostedError> {
-    if !(plan.poll_interval > 0.0 && plan.poll_interval.is_finite()) {
+    if !(plan.poll_interval > 0.0 && plan.poll_interval <= 86_400.0) {
         return Err(HostedError::Plan(
-            "--poll-interval must be > 0 seconds".into(),
+            "--poll-interval must be above 0 and at most 86400 seconds (a day)".into(),
         ));
     }
     // Base and lineage.
@@ -431,14 +431,17 @@ impl Ctx<'_> {
                     body["suffix"] = json!(s);
                 }
                 let key = self.key;
+                let attempt = (failed + 1).to_string();
+                let attempt = attempt.as_str();
                 let (j, created) = c
                     .create_once(
                         || api::create_job(c, &body),
+                        // This attempt's job, whatever its state (it may have failed at once).
                         || async move {
-                            let live = api::jobs_with(c, "emlab_key", key).await?;
-                            Ok(live
+                            let jobs = api::jobs_with(c, "emlab_key", key).await?;
+                            Ok(jobs
                                 .into_iter()
-                                .rfind(|j| !matches!(j.status.as_str(), "failed" | "cancelled")))
+                                .rfind(|j| j.meta("emlab_attempt") == Some(attempt)))
                         },
                     )
                     .await?;

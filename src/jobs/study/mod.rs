@@ -1125,8 +1125,14 @@ impl Exec<'_> {
                                                     c.to_hex()
                                                 ),
                                             })?;
-                                    h.api_key_env = endpoint.api_key_env.clone();
+                                    // The variable the model entry names; without one,
+                                    // the one the job was trained with.
+                                    if endpoint.api_key_env.is_some() {
+                                        h.api_key_env = endpoint.api_key_env.clone();
+                                    }
                                     h.concurrency = endpoint.concurrency;
+                                    h.max_retries = endpoint.max_retries;
+                                    h.timeout_s = endpoint.timeout_s;
                                     h
                                 }
                                 None => endpoint.clone(),

@@ -681,11 +681,11 @@ fn check(l: &Loaded) -> Result<(), SpecError> {
                 ),
             ));
         }
-        if t.poll_interval.is_some_and(|p| !(p > 0.0 && p.is_finite())) {
+        if t.poll_interval.is_some_and(|p| !(p > 0.0 && p <= 86_400.0)) {
             return Err(l.error(
                 st.span(),
                 format!(
-                    "stage `{}`: poll_interval must be > 0 seconds",
+                    "stage `{}`: poll_interval must be above 0 and at most 86400 seconds",
                     t.name.get_ref()
                 ),
             ));
