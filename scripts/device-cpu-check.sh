@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU side of a lent GPU machine, for issue 17 (CPU families): which CPU it is, whether
 # it has AMX, and if so the kernel tests on its best path and `bench train` (emlab bf16 base on
-# AMX and on AVX-512 BF16, f32) against PyTorch + peft on two pinned cores, alternating.
+# AMX and on AVX-512 BF16, f32, each with its time by phase) against PyTorch + peft on two
+# pinned cores, alternating.
 # Needs dist/emlab-cuda.xz (any emlab build; CUDA is hidden) and dist/kern-cpu.xz (the
 # emlab-kernels unit-test binary: `cargo test -p emlab-kernels --no-run`). OUT=dir bash $0
 set -uo pipefail
@@ -38,7 +39,7 @@ PY
 pin="taskset -c 0,1"; command -v taskset >/dev/null || pin=""
 export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
 em() { $pin "$w/emlab" --store "$w/s" --json bench train --model "$w/m" --batch 4 --seq-len 256 --steps 3 --r 32 "$@" \
-         | python3 -c "import json,sys; d=json.load(sys.stdin); r=d['results']; print(r.get('tokens_per_s', r))"; }
+         | python3 -c "import json,sys; d=json.load(sys.stdin); r=d['results']; print(r.get('tokens_per_s', r), '(time by phase:', ', '.join(f'{k[:-6]} {v:.0%}' for k, v in r.get('phases', {}).items() if k.endswith('_share')) + ')')"; }
 pf() { $pin python3 scripts/bench_peft_train.py "$w/m" --steps 3 --threads 2 --dtype "$1" 2>/dev/null | tail -1; }
 for round in 1 2; do
   echo "round $round emlab bf16-base (best path): $(em --bf16-base)"

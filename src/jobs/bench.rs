@@ -17,6 +17,7 @@ use crate::provenance::tables::MESSAGE;
 use crate::train::TrainError;
 use crate::util::hint::Hint;
 use crate::util::machine::{cores, peak_rss_mib};
+use crate::util::prof;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -151,9 +152,33 @@ pub fn bench_generate(
         top_p: 1.0,
         max_tokens: new_tokens,
     };
-    let (_, t) = generate(&m.model, &[], &reqs, &p)?;
+    // Where the time goes (util::prof): the prompts alone (one new token each), then the
+    // whole run; decoding's phases are the difference.
+    let host = matches!(device, candle_core::Device::Cpu);
+    let prefill_phases = if host {
+        prof::enable(true);
+        let one = SamplingParams { max_tokens: 1, ..p };
+        let (_, t1) = generate(&m.model, &[], &reqs, &one)?;
+        Some((prof::take(), t1.prefill_s + t1.decode_s))
+    } else {
+        None
+    };
+    let run = generate(&m.model, &[], &reqs, &p);
+    let all = prof::take();
+    prof::enable(false);
+    let (_, t) = run?;
     let params = json!({"model": m.identity.name, "model_id": m.record().id()?.to_hex(), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "quantized": quantized, "device": format!("{device:?}"), "threads": cores()});
-    let results = json!({"prefill_tokens": t.prefill_tokens, "prefill_s": t.prefill_s, "prefill_tokens_per_s": t.prefill_tokens as f64 / t.prefill_s, "decode_tokens": t.decode_tokens, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens as f64 / t.decode_s});
+    let mut results = json!({"prefill_tokens": t.prefill_tokens, "prefill_s": t.prefill_s, "prefill_tokens_per_s": t.prefill_tokens as f64 / t.prefill_s, "decode_tokens": t.decode_tokens, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens as f64 / t.decode_s});
+    if let Some((pre, pre_s)) = prefill_phases {
+        let decode: Vec<(&str, f64)> = all
+            .iter()
+            .zip(&pre)
+            .map(|((n, a), (_, b))| (*n, (a - b).max(0.0)))
+            .collect();
+        let total = t.prefill_s + t.decode_s;
+        results["phases"] = json!({"prefill": prof::breakdown(&pre, pre_s),
+            "decode": prof::breakdown(&decode, (total - pre_s).max(0.0))});
+    }
     Ok((params, results))
 }
 
@@ -200,18 +225,31 @@ pub fn bench_train(
     let mut trainer = Trainer::new(&m.model, params, opt, bf16_base, batch.max(1), 1.0)?;
     let pack_s = t_pack.elapsed().as_secs_f64();
     let mut times = Vec::new();
+    let mut phases = Vec::new();
     for s in 0..=steps {
+        // Where the time goes (util::prof), on the host, in the timed steps.
+        prof::enable(s > 0 && matches!(m.model.device, candle_core::Device::Cpu));
         let t0 = Instant::now();
-        trainer.step(&examples, &rows, s as u64, 1e-5)?;
+        let r = trainer.step(&examples, &rows, s as u64, 1e-5);
         if s > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
+        prof::enable(false);
+        r?;
+    }
+    let taken = prof::take();
+    for (n, secs) in taken {
+        phases.push((n, secs / times.len().max(1) as f64));
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let tokens = (batch * seq_len) as f64;
     let device = &m.model.device;
     let params_json = json!({"model": m.identity.name, "model_id": m.record().id()?.to_hex(), "batch": batch, "seq_len": seq_len, "steps": steps, "r": r, "trainable_params": numel, "dtype": format!("{:?}", m.model.dtype), "bf16_base": bf16_base, "device": format!("{device:?}"), "threads": cores()});
-    let results = json!({"step_s": times, "mean_step_s": mean, "pack_s": pack_s, "tokens_per_s": tokens / mean, "peak_rss_mib": peak_rss_mib()});
+    let mut results = json!({"step_s": times, "mean_step_s": mean, "pack_s": pack_s, "tokens_per_s": tokens / mean, "peak_rss_mib": peak_rss_mib()});
+    if matches!(device, candle_core::Device::Cpu) {
+        // Per step, on average.
+        results["phases"] = prof::breakdown(&phases, mean);
+    }
     Ok((params_json, results))
 }
 

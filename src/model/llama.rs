@@ -18,6 +18,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::blocks::{self, QMatrix};
+use crate::util::prof::{self, Phase};
 
 pub type Result<T> = candle_core::Result<T>;
 
@@ -139,6 +140,7 @@ impl Linear {
         };
         let ms: Vec<&QMatrix> = blocks.iter().map(|(q, ..)| *q).collect();
         let low: Vec<Option<&blocks::LowRank>> = blocks.iter().map(|(.., h)| *h).collect();
+        let _t = prof::span(Phase::Base);
         blocks::matmul_many(&ms, &low, x)?
             .into_iter()
             .zip(&blocks)
@@ -160,15 +162,37 @@ impl Linear {
     }
 
     fn forward_one(&self, x: &Tensor) -> Result<Tensor> {
+        let base_span = || prof::span(Phase::Base);
         let (y, bias) = match self {
-            Linear::Blocks(q, b) => (blocks::matmul(q, x)?, b),
-            Linear::Quant(q, b) => (q.forward(x)?, b),
-            Linear::Dense(w, b) => (x.broadcast_matmul(&w.t()?)?, b),
+            Linear::Blocks(q, b) => (
+                {
+                    let _t = base_span();
+                    blocks::matmul(q, x)?
+                },
+                b,
+            ),
+            Linear::Quant(q, b) => (
+                {
+                    let _t = base_span();
+                    q.forward(x)?
+                },
+                b,
+            ),
+            Linear::Dense(w, b) => (
+                {
+                    let _t = base_span();
+                    x.broadcast_matmul(&w.t()?)?
+                },
+                b,
+            ),
             Linear::Lora {
                 base, a, b, scale, ..
             } => {
-                let low = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-                return base.forward(x)? + (low * *scale)?;
+                let low = {
+                    let _t = prof::span(Phase::Adapter);
+                    (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * *scale)?
+                };
+                return base.forward(x)? + low;
             }
         };
         match bias {
@@ -601,6 +625,7 @@ impl Model {
 
     /// The LM head on final hidden states `[..., hidden]`: logits `[..., vocab]` in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let _t = prof::span(Phase::Head);
         self.w.lm_head.forward(hidden)?.to_dtype(DType::F32)
     }
 
@@ -725,6 +750,7 @@ impl Model {
         let mut q = host(&qkv[0])?;
         let mut k = host(&qkv[1])?;
         let v = host(&qkv[2])?;
+        let attn_span = prof::span(Phase::Attention);
         let layout = match self.cfg.rope {
             RopeLayout::Half => attn::Rope::Half,
             RopeLayout::Interleaved => attn::Rope::Interleaved,
@@ -759,6 +785,7 @@ impl Model {
         let mut out = vec![0f32; q.len()];
         let scale = 1.0 / (hd as f32).sqrt();
         attn::attention(&q, kc, vc, shape, starts, &cache.pad[..b], scale, &mut out);
+        drop(attn_span);
         layer
             .o
             .forward(&Tensor::from_vec(out, (b, t, nh * hd), &self.device)?)
@@ -796,6 +823,7 @@ impl Model {
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
+        let attn_span = prof::span(Phase::Attention);
         let (q, k) = match self.cfg.rope {
             RopeLayout::Half => (
                 candle_nn::rotary_emb::rope(&q, cos, sin)?,
@@ -847,6 +875,7 @@ impl Model {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
+        drop(attn_span);
         layer.o.forward(&out)
     }
 }

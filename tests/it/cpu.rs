@@ -139,5 +139,58 @@ fn bench_records_name_the_cpu_and_the_kernel_paths() {
         assert_eq!(machine["cpu"], want["cpu"], "{rec}");
         assert_eq!(machine["kernels"], want["kernels"], "{rec}");
         assert_eq!(machine["flags"], want["flags"]);
+        for part in ["prefill", "decode"] {
+            assert_phases(&rec["fields"]["results"]["phases"][part], &rec);
+        }
     }
+}
+
+/// A `phases` object of a bench record: every phase timed, the shares adding up.
+fn assert_phases(p: &serde_json::Value, rec: &serde_json::Value) {
+    let share = |k: &str| p[format!("{k}_share")].as_f64().unwrap_or(-1.0);
+    for k in ["base_products", "attention", "head"] {
+        assert!(
+            p[format!("{k}_s")].as_f64().unwrap_or(0.0) > 0.0,
+            "{k} untimed: {rec}"
+        );
+        assert!((0.0..=1.0).contains(&share(k)), "{k}: {rec}");
+    }
+    let sum: f64 = [
+        "base_products",
+        "adapter_products",
+        "attention",
+        "head",
+        "other",
+    ]
+    .iter()
+    .map(|k| share(k))
+    .sum();
+    assert!((0.99..1.3).contains(&sum), "shares add up to {sum}: {rec}");
+}
+
+/// `bench train` says where a step's time goes: weight and adapter products, attention, the
+/// output layer, the rest.
+#[test]
+fn bench_train_records_time_by_phase() {
+    let model = crate::model::smollm2_path();
+    let s = TestStore::new();
+    let out = s.ok(&[
+        "--json",
+        "bench",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--r",
+        "4",
+    ]);
+    let rec = json(&s.ok(&["show", json(&out)["id"].as_str().unwrap()]));
+    let p = &rec["fields"]["results"]["phases"];
+    assert_phases(p, &rec);
+    assert!(p["adapter_products_s"].as_f64().unwrap() > 0.0, "{rec}");
 }

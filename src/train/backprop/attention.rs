@@ -11,6 +11,7 @@ use super::linear::{host_f32, need, with_f32, LinTape, Proj};
 use super::norm::{rms_backward, rms_forward};
 use super::{ops, Grads, Result};
 use crate::model::llama::{Layer, RopeLayout};
+use crate::util::prof::{self, Phase};
 
 /// Sizes of one pass and the RoPE tables for its positions.
 pub(super) struct Dims {
@@ -143,7 +144,10 @@ pub(super) fn forward(
     let q = rope(&q, &d.cos, &d.sin, d.rope)?;
     let kr = rope(&k, &d.cos, &d.sin, d.rope)?;
     let qf = q.reshape((bsz, nkv, d.rep() * t, hd))?;
-    let (probs, attn) = attn_forward(&qf, &kr, &vr, d.shape, d.scale)?;
+    let (probs, attn) = {
+        let _t = prof::span(Phase::Attention);
+        attn_forward(&qf, &kr, &vr, d.shape, d.scale)?
+    };
     let attn = attn.transpose(1, 2)?.reshape((d.n, nh * hd))?;
     let (o, to) = po.forward(&attn, keep)?;
     Ok((
@@ -189,7 +193,10 @@ pub(super) fn backward(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((bsz, nkv, d.rep() * t, hd))?;
-    let (dq, dk, dv) = attn_backward(tp, &dout, d.shape, d.scale)?;
+    let (dq, dk, dv) = {
+        let _t = prof::span(Phase::Attention);
+        attn_backward(tp, &dout, d.shape, d.scale)?
+    };
     let dq = rope(&dq.contiguous()?, &d.cos, nsin, d.rope)?;
     let dk = rope(&dk.contiguous()?, &d.cos, nsin, d.rope)?;
     let dq = dq.transpose(1, 2)?.reshape((n, nh * hd))?;

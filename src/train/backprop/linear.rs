@@ -9,6 +9,7 @@ use super::{Grads, PassOpts, Result};
 use crate::model::adapter::Projection;
 use crate::model::llama::{Linear, Model};
 use crate::train::lora::LoraParams;
+use crate::util::prof::{self, Phase};
 use crate::util::rng::Rng;
 use emlab_kernels::{bf16, lowrank};
 
@@ -257,17 +258,22 @@ impl Proj<'_> {
             merged: Some(w), a, ..
         }) = ad
         {
-            let y = x.matmul(&w.t()?)?;
+            let y = {
+                let _t = prof::span(Phase::Base);
+                x.matmul(&w.t()?)?
+            };
             let y = match lin {
                 Linear::Dense(_, Some(b)) => y.broadcast_add(b)?,
                 _ => y,
             };
+            let _t = prof::span(Phase::Adapter);
             let u = if keep { Some(x.matmul(&a.t()?)?) } else { None };
             return Ok((y, LinTape { u }));
         }
         let u = match ad {
             None => None,
             Some(ad) => {
+                let _t = prof::span(Phase::Adapter);
                 let xin = match &ad.drop {
                     Some(m) => (x * m)?,
                     None => x.clone(),
@@ -276,14 +282,23 @@ impl Proj<'_> {
             }
         };
         let y = match (pack, ad.and_then(|a| a.host.as_ref()), &u) {
-            (Some(p), Some(h), Some(u)) => bf16_matmul(x, &p.0, Some((u, &h.0)))?,
+            (Some(p), Some(h), Some(u)) => {
+                let _t = prof::span(Phase::Base);
+                bf16_matmul(x, &p.0, Some((u, &h.0)))?
+            }
             _ => {
-                let y = match pack {
-                    Some(p) => bf16_matmul(x, &p.0, None)?,
-                    None => x.matmul(&base_weight(lin)?.t()?)?,
+                let y = {
+                    let _t = prof::span(Phase::Base);
+                    match pack {
+                        Some(p) => bf16_matmul(x, &p.0, None)?,
+                        None => x.matmul(&base_weight(lin)?.t()?)?,
+                    }
                 };
                 match (ad, &u) {
-                    (Some(ad), Some(u)) => (y + u.matmul(&ad.bs.t()?)?)?,
+                    (Some(ad), Some(u)) => {
+                        let _t = prof::span(Phase::Adapter);
+                        (y + u.matmul(&ad.bs.t()?)?)?
+                    }
                     _ => y,
                 }
             }
@@ -309,6 +324,7 @@ impl Proj<'_> {
         // already holds the adapter's share of dx).
         let merged = ad.and_then(|a| a.merged.as_ref());
         let base_dx = |add: Option<(&Tensor, &[f32])>| -> Result<Option<Tensor>> {
+            let _t = prof::span(Phase::Base);
             Ok(match (need_dx, merged, pack) {
                 (false, _, _) => None,
                 (true, Some(w), _) => Some(dy.matmul(w)?),
@@ -320,6 +336,7 @@ impl Proj<'_> {
             return base_dx(None);
         };
         let dt = grads.a[ad.slot].dtype();
+        let adapter = prof::span(Phase::Adapter);
         // dB = s dy^T u ; du = s dy B ; dA = du^T x_in ; dx += du A (through the dropout mask).
         let db = (dy.t()?.matmul(u)? * ad.scale)?;
         let du = dy.matmul(&ad.bs)?;
@@ -330,6 +347,7 @@ impl Proj<'_> {
         let da = du.t()?.matmul(&xin)?;
         grads.b[ad.slot] = (&grads.b[ad.slot] + db.to_dtype(dt)?)?;
         grads.a[ad.slot] = (&grads.a[ad.slot] + da.to_dtype(dt)?)?;
+        drop(adapter);
         if merged.is_some() {
             return base_dx(None);
         }
@@ -340,6 +358,7 @@ impl Proj<'_> {
         }
         match base_dx(None)? {
             Some(dx) => {
+                let _t = prof::span(Phase::Adapter);
                 let dxl = du.matmul(&ad.a)?;
                 let dxl = match &ad.drop {
                     Some(m) => (dxl * m)?,

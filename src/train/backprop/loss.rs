@@ -8,6 +8,7 @@ use super::linear::{base_weight, bf16_matmul, FrozenBf16};
 use super::norm::{rms_backward, rms_forward};
 use super::{ops, Batch, PassOpts, Result};
 use crate::model::llama::Model;
+use crate::util::prof::{self, Phase};
 
 /// The dtype of the loss arithmetic: f32, f64 for f64 models.
 fn ce_dtype(model: &Model) -> DType {
@@ -48,6 +49,7 @@ pub(super) fn head(
     opts: &PassOpts,
     frozen: Option<&FrozenBf16>,
 ) -> Result<(f64, Option<Tensor>)> {
+    let _t = prof::span(Phase::Head);
     let (dt, dev) = (model.dtype, &model.device);
     let (xf, xnf, invf) = rms_forward(x, &model.w.norm, model.cfg.rms_eps)?;
     let lm = base_weight(&model.w.lm_head)?;
