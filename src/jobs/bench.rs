@@ -152,32 +152,18 @@ pub fn bench_generate(
         top_p: 1.0,
         max_tokens: new_tokens,
     };
-    // Where the time goes (util::prof): the prompts alone (one new token each), then the
-    // whole run; decoding's phases are the difference.
+    // Where the time goes (util::prof), prompt prefill and decoding apart.
     let host = matches!(device, candle_core::Device::Cpu);
-    let prefill_phases = if host {
-        prof::enable(true);
-        let one = SamplingParams { max_tokens: 1, ..p };
-        let (_, t1) = generate(&m.model, &[], &reqs, &one)?;
-        Some((prof::take(), t1.prefill_s + t1.decode_s))
-    } else {
-        None
-    };
+    prof::enable(host);
     let run = generate(&m.model, &[], &reqs, &p);
-    let all = prof::take();
     prof::enable(false);
+    let (decode, prefill) = prof::take();
     let (_, t) = run?;
     let params = json!({"model": m.identity.name, "model_id": m.record().id()?.to_hex(), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "quantized": quantized, "device": format!("{device:?}"), "threads": cores()});
     let mut results = json!({"prefill_tokens": t.prefill_tokens, "prefill_s": t.prefill_s, "prefill_tokens_per_s": t.prefill_tokens as f64 / t.prefill_s, "decode_tokens": t.decode_tokens, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens as f64 / t.decode_s});
-    if let Some((pre, pre_s)) = prefill_phases {
-        let decode: Vec<(&str, f64)> = all
-            .iter()
-            .zip(&pre)
-            .map(|((n, a), (_, b))| (*n, (a - b).max(0.0)))
-            .collect();
-        let total = t.prefill_s + t.decode_s;
-        results["phases"] = json!({"prefill": prof::breakdown(&pre, pre_s),
-            "decode": prof::breakdown(&decode, (total - pre_s).max(0.0))});
+    if host {
+        results["phases"] = json!({"prefill": prof::breakdown(&prefill, t.prefill_s),
+            "decode": prof::breakdown(&decode, t.decode_s)});
     }
     Ok((params, results))
 }
@@ -237,7 +223,7 @@ pub fn bench_train(
         prof::enable(false);
         r?;
     }
-    let taken = prof::take();
+    let (taken, _) = prof::take();
     for (n, secs) in taken {
         phases.push((n, secs / times.len().max(1) as f64));
     }

@@ -221,10 +221,12 @@ impl<'a> Queue<'a> {
             let prompt: &'a [u32] = &self.reqs[i].prompt;
             if !self.prefilled.contains_key(prompt) {
                 let t0 = std::time::Instant::now();
+                let pre = crate::util::prof::prefill();
                 let mut c = self.model.new_cache(1, prompt.len())?;
                 let toks = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), dev)?;
                 let logits = logit_rows(&self.model.forward(&toks, &mut c, false)?)?.remove(0);
                 self.timing.prefill_tokens += prompt.len();
+                drop(pre);
                 self.timing.prefill_s += t0.elapsed().as_secs_f64();
                 self.prompts += 1;
                 let users = self.users[prompt];
@@ -419,6 +421,7 @@ pub fn generate(
     }
     let mut timing = Timing::default();
     let t0 = std::time::Instant::now();
+    let pre = crate::util::prof::prefill();
     let same_prompt = reqs.iter().all(|r| r.prompt == reqs[0].prompt);
     let (mut cache, first) = if same_prompt {
         let mut c = model.new_cache(1, capacity)?;
@@ -441,6 +444,7 @@ pub fn generate(
         timing.prefill_tokens = reqs.iter().map(|r| r.prompt.len()).sum();
         (c, logit_rows(&logits)?)
     };
+    drop(pre);
     timing.prefill_s = t0.elapsed().as_secs_f64();
 
     let t1 = std::time::Instant::now();

@@ -5,7 +5,8 @@
 //!
 //! Spans are timed on the thread that opens them; a span opened inside another on the same
 //! thread is not counted (the outer phase owns its time: the output layer's product counts
-//! as `head`, not `base`).
+//! as `head`, not `base`). Spans opened while a [`prefill`] guard lives are summed apart, so
+//! that sampling's prompt prefill and its decoding are told apart.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,10 +39,27 @@ impl Phase {
 }
 
 static ON: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// Nanoseconds per phase: `[0]` outside prompt prefill, `[1]` within it.
+static NANOS: [[AtomicU64; 4]; 2] = [const { [const { AtomicU64::new(0) }; 4] }; 2];
 
 thread_local! {
     static OPEN: Cell<bool> = const { Cell::new(false) };
+    static PREFILL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While the guard lives, this thread's spans count as prompt prefill (see [`take`]).
+#[must_use = "the prefill lasts until the guard is dropped"]
+pub struct Prefill(bool);
+
+/// Mark this thread's work as prompt prefill until the guard is dropped.
+pub fn prefill() -> Prefill {
+    Prefill(PREFILL.with(|p| p.replace(true)))
+}
+
+impl Drop for Prefill {
+    fn drop(&mut self) {
+        PREFILL.with(|p| p.set(self.0));
+    }
 }
 
 /// Start (or stop) timing spans; the sums are kept until [`take`].
@@ -51,35 +69,42 @@ pub fn enable(on: bool) {
 
 /// A timed span of `phase`, counted when it is dropped.
 #[must_use = "a span times until it is dropped"]
-pub struct Span(Option<(Phase, Instant)>);
+pub struct Span(Option<(Phase, usize, Instant)>);
 
 /// Open a span (nothing when timing is off or a span is already open on this thread).
 pub fn span(phase: Phase) -> Span {
     if !ON.load(Ordering::Relaxed) || OPEN.with(|o| o.replace(true)) {
         return Span(None);
     }
-    Span(Some((phase, Instant::now())))
+    let bucket = PREFILL.with(Cell::get) as usize;
+    Span(Some((phase, bucket, Instant::now())))
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some((p, t)) = self.0.take() {
+        if let Some((p, bucket, t)) = self.0.take() {
             let ns = t.elapsed().as_nanos() as u64;
-            NANOS[p as usize].fetch_add(ns, Ordering::Relaxed);
+            NANOS[bucket][p as usize].fetch_add(ns, Ordering::Relaxed);
             OPEN.with(|o| o.set(false));
         }
     }
 }
 
-/// Seconds per phase since the last call, by name, and reset them.
-pub fn take() -> Vec<(&'static str, f64)> {
-    PHASES
-        .iter()
-        .map(|p| {
-            let ns = NANOS[*p as usize].swap(0, Ordering::Relaxed);
-            (p.name(), ns as f64 * 1e-9)
-        })
-        .collect()
+/// Seconds per phase by name: outside prompt prefill, and within it.
+pub type Taken = (Vec<(&'static str, f64)>, Vec<(&'static str, f64)>);
+
+/// The seconds per phase since the last call (see [`Taken`]); resets them.
+pub fn take() -> Taken {
+    let bucket = |b: usize| -> Vec<(&'static str, f64)> {
+        PHASES
+            .iter()
+            .map(|p| {
+                let ns = NANOS[b][*p as usize].swap(0, Ordering::Relaxed);
+                (p.name(), ns as f64 * 1e-9)
+            })
+            .collect()
+    };
+    (bucket(0), bucket(1))
 }
 
 /// The phases of a run that took `total_s` seconds as a JSON object: seconds per phase, the
@@ -120,7 +145,7 @@ mod tests {
             let _s = span(Phase::Base);
             busy(5);
         }
-        assert!(take().iter().all(|(_, s)| *s == 0.0), "counted while off");
+        assert!(take().0.iter().all(|(_, s)| *s == 0.0), "counted while off");
         enable(true);
         {
             let _outer = span(Phase::Head);
@@ -131,10 +156,28 @@ mod tests {
             let _s = span(Phase::Attention);
             busy(10);
         }
+        {
+            let _p = prefill();
+            let _s = span(Phase::Base);
+            busy(5);
+        }
+        {
+            let _s = span(Phase::Adapter); // after the prefill guard: not prefill
+            busy(1);
+        }
         enable(false);
-        let t: std::collections::BTreeMap<_, _> = take().into_iter().collect();
+        let (rest, pre) = take();
+        let t: std::collections::BTreeMap<_, _> = rest.into_iter().collect();
+        let p: std::collections::BTreeMap<_, _> = pre.into_iter().collect();
         assert!(t["head"] >= 0.019, "{t:?}");
         assert_eq!(t["base_products"], 0.0, "a nested span was counted: {t:?}");
+        assert!(t["adapter_products"] >= 0.001, "{t:?}");
+        assert!(p["base_products"] >= 0.005, "{p:?}");
+        assert_eq!(
+            p["head"] + p["attention"] + p["adapter_products"],
+            0.0,
+            "{p:?}"
+        );
         assert!(
             t["attention"] >= 0.009 && t["attention"] < t["head"],
             "{t:?}"
