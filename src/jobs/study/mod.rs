@@ -751,10 +751,8 @@ impl Exec<'_> {
         let label = format!("train {}", Self::variant_label(stage, seeds));
         let inputs = missing.is_empty().then_some(inputs);
         let waits = missing.join(", ");
-        if let Some(endpoint) = hosted {
-            return self.train_hosted(
-                stage,
-                seeds,
+        let out = if let Some(endpoint) = hosted {
+            self.train_hosted(
                 &st,
                 own_seed,
                 endpoint,
@@ -764,26 +762,20 @@ impl Exec<'_> {
                 data,
                 eval.flatten(),
                 parent.flatten(),
-            );
-        }
-        let params = json!({"config": crate::provenance::to_json("the training config", &cfg)?, "eval_every": st.eval_every.unwrap_or(10)});
-        let out = self.step("train", label, params, inputs, &waits, |x| {
-            let plan = crate::jobs::train::TrainPlan {
-                model: path.clone(),
-                data: data.expect("known").to_hex(),
-                eval: eval.flatten().map(|e| e.to_hex()),
-                eval_every: st.eval_every.unwrap_or(10),
-                from: parent.flatten().map(|p| p.to_hex()),
-                config: cfg.clone(),
-                kl: None,
-            };
-            let r = crate::jobs::train::run(x.store, &plan, &mut |_, _, _, _| {})?;
-            let last: Id = r.checkpoint.parse()?;
-            Ok(checkpoint::of_run(x.store, last)?
-                .into_iter()
-                .map(|(_, id)| id)
-                .collect())
-        })?;
+            )?
+        } else {
+            self.train_local(
+                &st,
+                &cfg,
+                &path,
+                label,
+                inputs,
+                &waits,
+                data,
+                eval.flatten(),
+                parent.flatten(),
+            )?
+        };
         let cks = match out {
             Some(ids) => {
                 let mut v = Vec::new();
@@ -805,13 +797,46 @@ impl Exec<'_> {
         Ok(())
     }
 
-    /// A hosted stage: a fine-tuning job through the root endpoint's API ([`crate::jobs::hosted`]),
-    /// whose one checkpoint (the `ft:` model) the stage's evals sample through that API.
+    /// A local stage's step: a LoRA run ([`crate::jobs::train`]); its checkpoints.
+    #[allow(clippy::too_many_arguments)]
+    fn train_local(
+        &mut self,
+        st: &StageSpec,
+        cfg: &TrainConfig,
+        path: &std::path::Path,
+        label: String,
+        inputs: Option<Vec<Id>>,
+        waits: &str,
+        data: Option<Id>,
+        eval: Option<Id>,
+        parent: Option<Id>,
+    ) -> Result<Option<Vec<Id>>, StudyError> {
+        let params = json!({"config": crate::provenance::to_json("the training config", cfg)?, "eval_every": st.eval_every.unwrap_or(10)});
+        self.step("train", label, params, inputs, waits, |x| {
+            let plan = crate::jobs::train::TrainPlan {
+                model: path.to_path_buf(),
+                data: data.expect("known").to_hex(),
+                eval: eval.map(|e| e.to_hex()),
+                eval_every: st.eval_every.unwrap_or(10),
+                from: parent.map(|p| p.to_hex()),
+                config: cfg.clone(),
+                kl: None,
+            };
+            let r = crate::jobs::train::run(x.store, &plan, &mut |_, _, _, _| {})?;
+            let last: Id = r.checkpoint.parse()?;
+            Ok(checkpoint::of_run(x.store, last)?
+                .into_iter()
+                .map(|(_, id)| id)
+                .collect())
+        })
+    }
+
+    /// A hosted stage's step: a fine-tuning job through the root endpoint's API
+    /// ([`crate::jobs::hosted`]); its one checkpoint (the `ft:` model), which the stage's
+    /// evals sample through that API.
     #[allow(clippy::too_many_arguments)]
     fn train_hosted(
         &mut self,
-        stage: &str,
-        seeds: &[u64],
         st: &StageSpec,
         own_seed: Option<u64>,
         endpoint: Endpoint,
@@ -821,11 +846,11 @@ impl Exec<'_> {
         data: Option<Id>,
         eval: Option<Id>,
         parent: Option<Id>,
-    ) -> Result<(), StudyError> {
+    ) -> Result<Option<Vec<Id>>, StudyError> {
         let seed = own_seed.or(st.seed);
         let params = json!({"backend": "openai", "epochs": st.epochs, "batch_size": st.batch_size,
             "lr_multiplier": st.lr_multiplier, "seed": seed, "suffix": st.suffix});
-        let out = self.step("train", label, params, inputs, waits, |x| {
+        self.step("train", label, params, inputs, waits, |x| {
             let plan = crate::jobs::hosted::HostedPlan {
                 endpoint: endpoint.base_url.clone(),
                 api_key_env: endpoint
@@ -848,26 +873,7 @@ impl Exec<'_> {
             };
             let r = crate::jobs::hosted::run(x.store, &plan, &mut |_| {})?;
             Ok(vec![r.checkpoint.parse()?])
-        })?;
-        let cks = match out {
-            Some(ids) => {
-                let mut v = Vec::new();
-                for id in ids {
-                    let step = self
-                        .store
-                        .get(id)?
-                        .get("step")
-                        .and_then(Value::as_int)
-                        .unwrap_or(0);
-                    v.push((step, id));
-                }
-                Some(v)
-            }
-            None => None,
-        };
-        self.variants
-            .insert((stage.to_string(), seeds.to_vec()), cks);
-        Ok(())
+        })
     }
 
     /// What an eval evaluates: `(label fields, model entry, variant, checkpoints)`.
