@@ -205,21 +205,16 @@ pub async fn retrieve(c: &Client, id: &str) -> Result<BatchObject, ClientError> 
         .map_err(|e| c.api_error(&format!("batches/{id}"), e))
 }
 
-/// Every batch of the organisation whose metadata names `key`, oldest first (the API lists
-/// batches without a metadata filter).
-pub async fn with_key(c: &Client, key: &str) -> Result<Vec<BatchObject>, ClientError> {
-    let all: Vec<BatchObject> = all_pages(&[], |q| async move {
+/// Every batch of the organisation, oldest first.
+pub async fn list(c: &Client) -> Result<Vec<BatchObject>, ClientError> {
+    let mut all: Vec<BatchObject> = all_pages(&[], |q| async move {
         let b = c.api().batches();
         let b = b.query(&q).map_err(|e| c.api_error("batches", e))?;
         b.list_byot().await.map_err(|e| c.api_error("batches", e))
     })
     .await?;
-    let mut out: Vec<BatchObject> = all
-        .into_iter()
-        .filter(|b| b.meta(META_KEY) == Some(key))
-        .collect();
-    out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-    Ok(out)
+    all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    Ok(all)
 }
 
 #[cfg(test)]

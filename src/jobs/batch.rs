@@ -324,6 +324,8 @@ where
     // First the attempts an earlier run left open that hold requests planned here: their
     // batches are followed, and their requests are not sent again.
     let mut in_flight: HashSet<String> = HashSet::new();
+    // The API lists batches without a metadata filter: listed once, when an attempt needs it.
+    let mut listed: Option<Vec<BatchObject>> = None;
     for (name, rec) in store.aliases(NS_OPEN)? {
         if closed.contains(&name) {
             continue;
@@ -335,7 +337,11 @@ where
         if !ours {
             continue;
         }
-        match unread(client, &a.file_key, &read).await? {
+        if listed.is_none() {
+            listed = Some(batch::list(client).await?);
+        }
+        let batches = listed.as_deref().unwrap_or_default();
+        match newest_unread(batches, &a.file_key, &read) {
             Some(b) => {
                 note(&format!(
                     "batch {}: following it ({}, {} requests, sent by an earlier run)",
@@ -400,7 +406,7 @@ where
         let (b, created) = client
             .create_once(
                 || batch::create(client, &file, key),
-                || unread(client, key, &read),
+                || async { Ok(newest_unread(&batch::list(client).await?, key, &read)) },
             )
             .await?;
         // Found: no unread batch of this file existed before, so the failed request made it.
@@ -460,16 +466,17 @@ where
     Ok(streamed)
 }
 
-/// The newest batch of request file `key` not in `read` (whose results are stored).
-async fn unread(
-    client: &Client,
+/// The newest of `batches` for request file `key` that is not in `read` (whose results are
+/// stored).
+fn newest_unread(
+    batches: &[BatchObject],
     key: &str,
     read: &HashSet<String>,
-) -> Result<Option<BatchObject>, ClientError> {
-    Ok(batch::with_key(client, key)
-        .await?
-        .into_iter()
-        .rfind(|b| !read.contains(&b.id)))
+) -> Option<BatchObject> {
+    batches
+        .iter()
+        .rfind(|b| b.meta(batch::META_KEY) == Some(key) && !read.contains(&b.id))
+        .cloned()
 }
 
 /// One answer per request: the first answer, or a later one when the first is an error (a
