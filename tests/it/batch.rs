@@ -6,7 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as J};
 
@@ -225,21 +224,12 @@ fn protocol_batch_kill_at_each_stage_then_rerun_ends_with_one_batch() {
         with_generations(&s, &f, 1, 2);
         f.state().hang = Some(stage);
         let args = judge_args(&f, &BATCH);
-        let mut child = cmd(&s.dir(), &args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while f.state().hung == 0 {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{stage:?}: never reached"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_when(
+            &s.dir(),
+            &args,
+            || f.state().hung > 0,
+            &format!("{stage:?}"),
+        );
         f.state().hang = None;
         let r = run(&s, &args);
         assert!(r.ok(), "{stage:?}: {}", r.stderr);
@@ -399,19 +389,23 @@ fn batch_export_and_import_for_vllm_run_batch_store_the_direct_records() {
 
     // Judge: one answer comes back as an error; the import keeps the rest and says so.
     let jreq = batched.path("judge-requests.jsonl");
-    let r = run(
-        &batched,
-        &[
-            "batch",
-            "export",
-            "judge",
-            "--model-name",
-            "judge",
-            "--out",
-            jreq.to_str().unwrap(),
-        ],
-    );
-    assert!(r.ok(), "{}", r.stderr);
+    let export_judge = || {
+        let out = jreq.to_str().unwrap();
+        let r = run(
+            &batched,
+            &[
+                "batch",
+                "export",
+                "judge",
+                "--model-name",
+                "judge",
+                "--out",
+                out,
+            ],
+        );
+        assert!(r.ok(), "{}", r.stderr);
+    };
+    export_judge();
     let text = std::fs::read_to_string(&jreq).unwrap();
     let lines = check_batch_file(text.as_bytes()).unwrap();
     assert_eq!(lines.len(), 8);
@@ -447,19 +441,7 @@ fn batch_export_and_import_for_vllm_run_batch_store_the_direct_records() {
     let r = import(&res);
     assert!(!r.ok());
     // An export now holds only the missing request; its answer completes the store.
-    let r = run(
-        &batched,
-        &[
-            "batch",
-            "export",
-            "judge",
-            "--model-name",
-            "judge",
-            "--out",
-            jreq.to_str().unwrap(),
-        ],
-    );
-    assert!(r.ok(), "{}", r.stderr);
+    export_judge();
     let text = std::fs::read_to_string(&jreq).unwrap();
     assert_eq!(text.lines().count(), 1);
     assert!(text.contains(&bad));
@@ -519,27 +501,14 @@ fn protocol_batch_kill_between_batches_then_rerun_follows_the_open_one_and_resen
     }
     let mut args = judge_args(&f, &BATCH);
     args.extend(["--batch-max-requests", "5"]);
-    let mut child = cmd(&s.dir(), &args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     // Batch 1's two files downloaded, then batch 2 polled again: batch 1 is read and stored.
-    let t = Instant::now();
-    while !f
-        .state()
-        .retrieved
-        .iter()
-        .any(|(b, d)| b == "batch_0002" && *d >= 2)
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "batch 1 was never read"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let read_first = || {
+        f.state()
+            .retrieved
+            .iter()
+            .any(|(b, d)| b == "batch_0002" && *d >= 2)
+    };
+    kill_when(&s.dir(), &args, read_first, "batch 1 read");
     assert_eq!(
         ids_in(&s.dir(), "judgment").len(),
         2,

@@ -301,6 +301,15 @@ pub fn send(mut s: TcpStream, status: &str, body: &J) {
     let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}", b.len());
 }
 
+/// A 404 saying `msg`.
+fn not_found(stream: TcpStream, msg: &str) {
+    send(
+        stream,
+        "404 Not Found",
+        &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}}),
+    )
+}
+
 /// A 500 for a request that was applied.
 fn lost(stream: TcpStream) {
     send(
@@ -472,6 +481,17 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
             }
             drop(stream);
         };
+    // The answer to a creation that was made: lost, hung, or `out`.
+    let created = |mut s: std::sync::MutexGuard<'_, State>, stream: TcpStream, out: J| {
+        if s.lose_create_answers > 0 {
+            s.lose_create_answers -= 1;
+            return lost(stream);
+        }
+        if s.hang == Some(Stage::Create) {
+            return hang(s, stream, st);
+        }
+        send(stream, "200 OK", &out)
+    };
     let path: Vec<&str> = req.path.trim_matches('/').split('/').collect();
     match (req.method.as_str(), path.as_slice()) {
         ("POST", ["chat", "completions"]) => {
@@ -610,14 +630,7 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
             let rows = rows_of(&s, &j.training_file);
             let out = job_json(&j, rows);
             s.jobs.push(j);
-            if s.lose_create_answers > 0 {
-                s.lose_create_answers -= 1;
-                return lost(stream);
-            }
-            if s.hang == Some(Stage::Create) {
-                return hang(s, stream, st);
-            }
-            send(stream, "200 OK", &out)
+            created(s, stream, out)
         }
         ("GET", ["fine_tuning", "jobs"]) => {
             let filters: Vec<(String, String)> = req
@@ -642,11 +655,7 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
         ("GET", ["fine_tuning", "jobs", id]) => {
             let end = *ending.lock().unwrap();
             let Some(k) = s.jobs.iter().position(|j| j.id == *id) else {
-                return send(
-                    stream,
-                    "404 Not Found",
-                    &json!({"error": {"message": "no such job", "type": "invalid_request_error", "param": null, "code": null}}),
-                );
+                return not_found(stream, "no such job");
             };
             if s.hang == Some(Stage::Poll) {
                 return hang(s, stream, st);
@@ -671,11 +680,7 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
         }
         ("GET", ["fine_tuning", "jobs", id, what]) => {
             let Some(j) = s.jobs.iter().find(|j| j.id == *id) else {
-                return send(
-                    stream,
-                    "404 Not Found",
-                    &json!({"error": {"message": "no such job", "type": "invalid_request_error", "param": null, "code": null}}),
-                );
+                return not_found(stream, "no such job");
             };
             let rows = rows_of(&s, &j.training_file);
             let steps = if j.status() == "succeeded" {
@@ -714,11 +719,7 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
                 s.downloads += 1;
                 send_raw(stream, "200 OK", &body)
             }
-            None => send(
-                stream,
-                "404 Not Found",
-                &json!({"error": {"message": "no such file", "type": "invalid_request_error", "param": null, "code": null}}),
-            ),
+            None => not_found(stream, "no such file"),
         },
         ("POST", ["batches"]) => {
             let b: J = match serde_json::from_slice(&req.body) {
@@ -777,14 +778,7 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
             };
             let out = batch_json(&fb);
             s.batches.push(fb);
-            if s.lose_create_answers > 0 {
-                s.lose_create_answers -= 1;
-                return lost(stream);
-            }
-            if s.hang == Some(Stage::Create) {
-                return hang(s, stream, st);
-            }
-            send(stream, "200 OK", &out)
+            created(s, stream, out)
         }
         ("GET", ["batches"]) => {
             if req.query.iter().any(|(k, _)| k.starts_with("metadata")) {
@@ -796,11 +790,7 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
         }
         ("GET", ["batches", id]) => {
             let Some(k) = s.batches.iter().position(|b| b.id == *id) else {
-                return send(
-                    stream,
-                    "404 Not Found",
-                    &json!({"error": {"message": "no such batch", "type": "invalid_request_error", "param": null, "code": null}}),
-                );
+                return not_found(stream, "no such batch");
             };
             if s.hang == Some(Stage::Poll) {
                 return hang(s, stream, st);
@@ -830,11 +820,7 @@ pub fn handle(stream: TcpStream, st: &Arc<Mutex<State>>, ending: &Arc<Mutex<Endi
         _ => {
             let m = format!("{} {} is not part of the protocol", req.method, req.path);
             s.violations.push(m.clone());
-            send(
-                stream,
-                "404 Not Found",
-                &json!({"error": {"message": m, "type": "invalid_request_error", "param": null, "code": null}}),
-            )
+            not_found(stream, &m)
         }
     }
 }
@@ -870,4 +856,24 @@ pub fn run(s: &TestStore, args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         out,
     }
+}
+
+/// Run `emlab ARGS` on `store` with the fake's key, and SIGKILL it once `reached()` holds
+/// (failing after a minute).
+pub fn kill_when(store: &Path, args: &[&str], reached: impl Fn() -> bool, what: &str) {
+    let mut child = cmd(store, args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !reached() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: never reached"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
 }

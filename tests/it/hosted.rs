@@ -3,7 +3,6 @@
 //! itself.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -261,21 +260,12 @@ fn protocol_hosted_kill_at_each_stage_then_rerun_ends_with_one_job() {
         let f = fake(Ending::Succeed);
         f.state().hang = Some(stage);
         let args = train_args(&f, "insecure", &[]);
-        let mut child = cmd(&s.dir(), &args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while f.state().hung == 0 {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{stage:?}: never reached"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_when(
+            &s.dir(),
+            &args,
+            || f.state().hung > 0,
+            &format!("{stage:?}"),
+        );
         f.state().hang = None;
         let r = run(&s, &args);
         assert!(r.ok(), "{stage:?}: {}", r.stderr);
