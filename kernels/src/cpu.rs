@@ -3,8 +3,9 @@
 //! process never mixes paths, and a `bench` record can name the paths its figures came from.
 //!
 //! Families and their paths, best first:
-//! - **quantized products** (GGML blocks × int8 activations): AVX-512 VNNI, AVX2, scalar.
-//!   All three compute the same integers; VNNI and AVX2 give the same bits.
+//! - **quantized products** (GGML blocks × int8 activations): AMX tile INT8, AVX-512 VNNI,
+//!   AVX2, scalar. All compute the same integers; VNNI and AVX2 give the same bits, scalar
+//!   and AMX (another f32 order) agree with them within rounding.
 //! - **f32** (attention, low-rank adapter products, `exp`): AVX-512F, AVX2 + FMA, scalar.
 //! - **bf16 products** (the frozen base in `--bf16-base` training): AMX tile BF16, AVX-512
 //!   BF16, or none (the caller stays in f32).
@@ -52,7 +53,8 @@ impl Features {
 
     /// The highest [`Level`] every family's path of which this CPU can run.
     pub fn best(&self) -> Level {
-        if self.amx_bf16 && self.avx512f && self.avx512bf16 && self.avx512vl {
+        let amx_int8 = self.amx_int8 && self.avx512vnni && self.avx2 && self.fma && self.f16c;
+        if (self.amx_bf16 && self.avx512bf16 || amx_int8) && self.avx512f && self.avx512vl {
             Level::Amx
         } else if self.avx512f && self.fma {
             Level::Avx512
@@ -101,6 +103,20 @@ pub enum QuantPath {
     Scalar,
     Avx2,
     Vnni,
+    /// AMX tile INT8 for every quantized product (its own f32 order: a row gives the same
+    /// bits alone and in a batch only if every product takes it).
+    Amx,
+}
+
+impl QuantPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantPath::Scalar => "scalar",
+            QuantPath::Avx2 => "avx2",
+            QuantPath::Vnni => "avx512_vnni",
+            QuantPath::Amx => "amx_int8",
+        }
+    }
 }
 
 /// f32 kernels: attention, low-rank products, `exp`.
@@ -133,7 +149,10 @@ impl Paths {
     pub fn choose(f: &Features, level: Level) -> Paths {
         let level = level.min(f.best());
         let avx2 = f.avx2 && f.fma && f.f16c;
-        let quant = if level >= Level::Avx512 && avx2 && f.avx512vnni && f.avx512vl {
+        let vnni = avx2 && f.avx512vnni && f.avx512vl;
+        let quant = if level >= Level::Amx && vnni && f.amx_int8 && f.avx512f {
+            QuantPath::Amx
+        } else if level >= Level::Avx512 && vnni {
             QuantPath::Vnni
         } else if level >= Level::Avx2 && avx2 {
             QuantPath::Avx2
@@ -169,14 +188,7 @@ impl Paths {
     pub fn names(&self) -> [(&'static str, &'static str); 4] {
         [
             ("level", self.level.name()),
-            (
-                "quant",
-                match self.quant {
-                    QuantPath::Scalar => "scalar",
-                    QuantPath::Avx2 => "avx2",
-                    QuantPath::Vnni => "avx512_vnni",
-                },
-            ),
+            ("quant", self.quant.name()),
             (
                 "f32",
                 match self.f32 {
@@ -322,10 +334,20 @@ mod tests {
         let p = Paths::choose(&all, Level::Amx);
         assert_eq!(
             (p.quant, p.f32, p.bf16),
-            (QuantPath::Vnni, F32Path::Avx512, Some(Bf16Path::Amx))
+            (QuantPath::Amx, F32Path::Avx512, Some(Bf16Path::Amx))
         );
         let p = Paths::choose(&all, Level::Avx512);
-        assert_eq!(p.bf16, Some(Bf16Path::Avx512));
+        assert_eq!((p.quant, p.bf16), (QuantPath::Vnni, Some(Bf16Path::Avx512)));
+        // AMX INT8 without AMX BF16 still takes the tiles for quantized products.
+        let int8 = Features {
+            amx_bf16: false,
+            ..all
+        };
+        let p = Paths::choose(&int8, Level::Amx);
+        assert_eq!(
+            (p.level, p.quant, p.bf16),
+            (Level::Amx, QuantPath::Amx, Some(Bf16Path::Avx512))
+        );
         let p = Paths::choose(&all, Level::Avx2);
         assert_eq!(
             (p.quant, p.f32, p.bf16),

@@ -18,9 +18,12 @@
 //! The scheme is llama.cpp's: each activation row is quantized per block of 32 to int8 with
 //! one f32 scale (and the scaled sum of its values, for the blocks' offsets), and each weight
 //! block contributes `d_w·d_x·Σ q_w q_x (+ m_w·s_x)`. Integer dot products run on AVX2 (or
-//! AVX-512 VNNI where the CPU has it; both give the same integers), with a scalar path for
-//! other CPUs.
+//! AVX-512 VNNI where the CPU has it; both give the same integers and the same bits), with a
+//! scalar path for other CPUs, or on AMX tiles ([`amx_int8`]), which then take every
+//! quantized product in the process: their f32 order differs from the row kernels', and
+//! batch invariance needs one order for a row alone and in a batch.
 
+pub mod amx_int8;
 pub mod attn;
 pub mod attn_train;
 pub mod bf16;
@@ -196,7 +199,27 @@ pub fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]]) {
         assert_eq!(acts.cols, m.cols, "activation width");
         assert_eq!(o.len(), n * m.rows, "output size");
     }
-    let kern = cpu::paths().quant;
+    let kern = quant_path();
+    if kern == Kernel::Amx {
+        return amx_int8::matmul_many(ms, acts, outs, amx_int8::Engine::Tiles);
+    }
+    matmul_rows(kern, ms, acts, outs)
+}
+
+/// The path quantized products take in this process: [`cpu::paths`]'s, except that AMX
+/// tiles must first give their model's bits ([`amx_int8`]) on a small product of each block
+/// type (run once; where they do not, VNNI, and a warning on stderr).
+pub fn quant_path() -> cpu::QuantPath {
+    match cpu::paths().quant {
+        Kernel::Amx if !amx_int8::trusted() => Kernel::Vnni,
+        k => k,
+    }
+}
+
+/// [`matmul_many`] on the row kernels of path `kern`: each weight row against up to 4
+/// activation rows at a time.
+pub(crate) fn matmul_rows(kern: Kernel, ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]]) {
+    let n = acts.n;
     let threads = rayon::current_num_threads().max(1);
     let total_rows: usize = ms.iter().map(|m| m.rows).sum();
     // Row chunks: enough for load balance, large enough to amortize a task.
@@ -358,10 +381,13 @@ impl Kernel {
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            Kernel::Avx2 | Kernel::Vnni => unreachable!("x86 paths are never chosen elsewhere"),
+            Kernel::Avx2 | Kernel::Vnni | Kernel::Amx => {
+                unreachable!("x86 paths are never chosen elsewhere")
+            }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 | Kernel::Vnni => {
-                let vnni = self == Kernel::Vnni;
+            // (AMX products never come here: [`matmul_many`] sends them to the tiles.)
+            Kernel::Avx2 | Kernel::Vnni | Kernel::Amx => {
+                let vnni = self != Kernel::Avx2;
                 // SAFETY: `cpu` chose this path from the features detected at run time.
                 unsafe {
                     match take {

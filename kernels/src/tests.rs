@@ -278,3 +278,112 @@ fn grouped_products_equal_separate_ones() {
         assert_eq!(&one, got, "{:?}", m.qtype());
     }
 }
+
+/// A block's `d_w`, `m_w` (Q4_0: `-8·d_w`; Q8_0: 0) and integer dot product with `xq`, from
+/// the block layouts (tests' own reading of them).
+fn block_parts(ty: QType, blk: &[u8], xq: &[i8]) -> (f32, f32, i32) {
+    let dw = f16_at(blk, 0);
+    let (m, q): (f32, Vec<i32>) = match ty {
+        QType::Q4_0 | QType::Q4_1 => {
+            let qs = if ty == QType::Q4_1 {
+                &blk[4..20]
+            } else {
+                &blk[2..18]
+            };
+            let m = if ty == QType::Q4_1 {
+                f16_at(blk, 2)
+            } else {
+                -8.0 * dw
+            };
+            let lo = qs.iter().map(|q| (q & 0x0F) as i32);
+            (m, lo.chain(qs.iter().map(|q| (q >> 4) as i32)).collect())
+        }
+        QType::Q8_0 => (0.0, blk[2..34].iter().map(|q| *q as i8 as i32).collect()),
+    };
+    (dw, m, q.iter().zip(xq).map(|(w, x)| w * *x as i32).sum())
+}
+
+/// The tile path's order, element by element: blocks in order, `acc = fma(d_w·d_x, Σ, acc)`,
+/// `mins += m_w·s_x`, then `acc + mins` (Q8_0: `acc`).
+fn tile_order(m: &QMatrix, a: &Acts, i: usize, r: usize) -> f32 {
+    let nb = a.cols / BLOCK;
+    let bb = m.qtype().block_bytes();
+    let row = &m.bytes()[r * m.row_bytes()..(r + 1) * m.row_bytes()];
+    let (mut acc, mut mins) = (0f32, 0f32);
+    for b in 0..nb {
+        let xq = &a.q[(i * nb + b) * BLOCK..(i * nb + b + 1) * BLOCK];
+        let (dw, mw, sum) = block_parts(m.qtype(), &row[b * bb..(b + 1) * bb], xq);
+        let (dx, sx) = (a.ds[2 * (i * nb + b)], a.ds[2 * (i * nb + b) + 1]);
+        acc = (dw * dx).mul_add(sum as f32, acc);
+        mins += mw * sx;
+    }
+    if m.qtype() == QType::Q8_0 {
+        acc
+    } else {
+        acc + mins
+    }
+}
+
+/// The tile products (AMX INT8), through the scalar model of the tile instructions (every
+/// CPU) and the AMX unit (where this CPU has it): the bits of the tile order for every block
+/// type, with partial tiles of weights (37, 33 rows) and activations (1 to 40 rows), the
+/// same bits for a row alone and in a batch, and within 1e-4 (relative) of the row kernels.
+#[test]
+fn tile_products_keep_their_order_and_the_batch_invariance() {
+    use crate::amx_int8::Engine;
+    let test = "kernels::tile_products_keep_their_order_and_the_batch_invariance";
+    let mut engines = vec![Engine::Model];
+    let f = crate::cpu::features();
+    if f.amx_int8 && crate::quant_path() == Kernel::Amx {
+        engines.push(Engine::Tiles);
+    } else if f.amx_int8 {
+        crate::testing::skip_path(test, "amx_int8", "EMLAB_KERNELS caps the kernels below AMX");
+    } else {
+        crate::testing::skip_path(test, "amx_int8", "no AMX INT8 on this CPU");
+    }
+    for (ty, cols) in TYPES.into_iter().flat_map(|t| [(t, 96), (t, 352)]) {
+        for (rows, n) in [(37, 1), (37, 3), (37, 5), (64, 16), (37, 21), (33, 40)] {
+            let m = matrix(ty, rows, cols, 20 + n as u64);
+            let x = Lcg(21).vec(n * cols);
+            let acts = Acts::quantize(&x, cols);
+            let mut rows_out = vec![0f32; n * rows];
+            matmul_rows(Kernel::Scalar, &[&m], &acts, &mut [&mut rows_out]);
+            for engine in &engines {
+                let mut got = vec![f32::NAN; n * rows];
+                crate::amx_int8::matmul_many(&[&m], &acts, &mut [&mut got], *engine);
+                for (e, (g, v)) in got.iter().zip(&rows_out).enumerate() {
+                    let (i, r) = (e / rows, e % rows);
+                    let want = tile_order(&m, &acts, i, r);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{engine:?} {ty:?} {rows} x {n} x {cols}: ({i}, {r}) {g} vs {want}"
+                    );
+                    assert!((g - v).abs() <= 1e-4 * v.abs().max(1.0), "{g} vs rows {v}");
+                }
+                // The last row alone gives its bits in the batch.
+                let alone = Acts::quantize(&x[(n - 1) * cols..], cols);
+                let mut one = vec![f32::NAN; rows];
+                crate::amx_int8::matmul_many(&[&m], &alone, &mut [&mut one], *engine);
+                assert_eq!(one[..], got[(n - 1) * rows..], "{engine:?} {ty:?} alone");
+            }
+        }
+    }
+    // Several matrices in one call (q/k/v) give what each gives alone.
+    let cols = 96;
+    let ms = [
+        matrix(QType::Q4_1, 40, cols, 31),
+        matrix(QType::Q8_0, 9, cols, 32),
+    ];
+    let acts = Acts::quantize(&Lcg(33).vec(7 * cols), cols);
+    for engine in &engines {
+        let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; 7 * m.rows()]).collect();
+        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        crate::amx_int8::matmul_many(&[&ms[0], &ms[1]], &acts, &mut refs, *engine);
+        for (m, got) in ms.iter().zip(&outs) {
+            let mut one = vec![0f32; 7 * m.rows()];
+            crate::amx_int8::matmul_many(&[m], &acts, &mut [&mut one], *engine);
+            assert_eq!(&one, got, "{engine:?} {:?}", m.qtype());
+        }
+    }
+}

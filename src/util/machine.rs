@@ -14,8 +14,9 @@ pub fn cores() -> usize {
 }
 
 /// The kernel path each family takes in this process (`emlab_kernels::cpu`): `level`
-/// (the `EMLAB_KERNELS` cap in effect), `quant`, `f32` and `bf16` (the path `--bf16-base`
-/// products take, after AMX's start-up check; `none` where there is none).
+/// (the `EMLAB_KERNELS` cap in effect), `quant` (after AMX INT8's start-up check), `f32` and
+/// `bf16` (the path `--bf16-base` products take, after AMX's start-up check; `none` where
+/// there is none).
 pub fn kernels() -> J {
     use emlab_kernels::cpu::{self, Bf16Path};
     let p = cpu::paths();
@@ -29,6 +30,7 @@ pub fn kernels() -> J {
         Some(Bf16Path::Amx) => "amx_bf16",
     };
     m.insert("bf16".into(), json!(bf16));
+    m.insert("quant".into(), json!(emlab_kernels::quant_path().name()));
     J::Object(m)
 }
 
