@@ -90,6 +90,12 @@ impl TileActs {
 
 /// [`crate::matmul_many`] on tiles: `outs[m]` is `n × ms[m].rows()`.
 pub(crate) fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]], engine: Engine) {
+    products(ms, acts, outs, engine, true)
+}
+
+/// [`matmul_many`], in parallel or (the start-up check, which runs inside a `OnceLock`
+/// initialisation that a stolen task must not re-enter) on this thread.
+fn products(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]], engine: Engine, parallel: bool) {
     let ta = TileActs::pack(acts);
     let dst: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
     let items: Vec<(usize, usize)> = ms
@@ -110,7 +116,7 @@ pub(crate) fn matmul_many(ms: &[&QMatrix], acts: &Acts, outs: &mut [&mut [f32]],
         }
     };
     let work_size: usize = ms.iter().map(|m| m.rows).sum::<usize>() * acts.n * acts.cols;
-    if items.len() == 1 || work_size < 64 * 1024 {
+    if !parallel || items.len() == 1 || work_size < 64 * 1024 {
         items.iter().for_each(work);
     } else if acts.n <= 4 {
         // Decoding: many short products, on the spinning team (as the row kernels).
@@ -343,53 +349,47 @@ mod hw {
         b1: *const i8,
         c: *mut i32,
     ) {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            "tileloadd tmm4, [{a0} + {lda}*1]",
-            "tileloadd tmm5, [{a1} + {lda}*1]",
-            "tileloadd tmm6, [{b0} + {s}*1]",
-            "tileloadd tmm7, [{b1} + {s}*1]",
-            a0 = in(reg) a0,
-            a1 = in(reg) a1,
-            b0 = in(reg) b0,
-            b1 = in(reg) b1,
-            lda = in(reg) lda,
-            s = in(reg) 64usize,
-            options(nostack, readonly),
-        );
-        if signed {
-            asm!(
-                "tdpbssd tmm0, tmm4, tmm6",
-                "tdpbssd tmm1, tmm4, tmm7",
-                "tdpbssd tmm2, tmm5, tmm6",
-                "tdpbssd tmm3, tmm5, tmm7",
-                options(nostack, nomem)
-            );
-        } else {
-            asm!(
-                "tdpbusd tmm0, tmm4, tmm6",
-                "tdpbusd tmm1, tmm4, tmm7",
-                "tdpbusd tmm2, tmm5, tmm6",
-                "tdpbusd tmm3, tmm5, tmm7",
-                options(nostack, nomem)
-            );
-        }
+        // One block per instruction sequence: tile contents never live across `asm!`
+        // blocks (only the configuration does, which no compiled code touches).
         let o = c as *mut u8;
-        asm!(
-            "tilestored [{o0} + {s}*1], tmm0",
-            "tilestored [{o1} + {s}*1], tmm1",
-            "tilestored [{o2} + {s}*1], tmm2",
-            "tilestored [{o3} + {s}*1], tmm3",
-            o0 = in(reg) o,
-            o1 = in(reg) o.add(1024),
-            o2 = in(reg) o.add(2048),
-            o3 = in(reg) o.add(3072),
-            s = in(reg) 64usize,
-            options(nostack),
-        );
+        macro_rules! step {
+            ($dp:literal) => {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    concat!($dp, " tmm0, tmm4, tmm6"),
+                    concat!($dp, " tmm1, tmm4, tmm7"),
+                    concat!($dp, " tmm2, tmm5, tmm6"),
+                    concat!($dp, " tmm3, tmm5, tmm7"),
+                    "tilestored [{o0} + {s}*1], tmm0",
+                    "tilestored [{o1} + {s}*1], tmm1",
+                    "tilestored [{o2} + {s}*1], tmm2",
+                    "tilestored [{o3} + {s}*1], tmm3",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a1,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b1,
+                    lda = in(reg) lda,
+                    o0 = in(reg) o,
+                    o1 = in(reg) o.add(1024),
+                    o2 = in(reg) o.add(2048),
+                    o3 = in(reg) o.add(3072),
+                    s = in(reg) 64usize,
+                    options(nostack),
+                )
+            };
+        }
+        if signed {
+            step!("tdpbssd");
+        } else {
+            step!("tdpbusd");
+        }
     }
 }
 
@@ -415,8 +415,8 @@ pub(crate) fn trusted() -> bool {
                 .collect();
             let acts = Acts::quantize(&x, cols);
             let (mut tiles, mut model) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
-            matmul_many(&[&m], &acts, &mut [&mut tiles], Engine::Tiles);
-            matmul_many(&[&m], &acts, &mut [&mut model], Engine::Model);
+            products(&[&m], &acts, &mut [&mut tiles], Engine::Tiles, false);
+            products(&[&m], &acts, &mut [&mut model], Engine::Model, false);
             let same = tiles
                 .iter()
                 .zip(&model)
