@@ -15,7 +15,7 @@
 //! layout: for each group of 16 rows and each block, 8 rows of 64 bytes holding, for every
 //! activation row, 4 consecutive values.
 //!
-//! [`Engine::Model`] runs the same layouts through a scalar model of the tile instructions
+//! `Engine::Model` runs the same layouts through a scalar model of the tile instructions
 //! (the instruction set reference's pseudocode), so the tests check everything but the
 //! instructions themselves on CPUs without AMX.
 
@@ -187,15 +187,13 @@ unsafe fn item_body(m: &QMatrix, r0: usize, ta: &TileActs, n: usize, out: SendPt
         mins.fill(0.0);
         for b in 0..nb {
             let a0 = wq.as_ptr().add(b * BLOCK);
-            engine.step(
+            engine.step(&Step {
                 signed,
-                a0,
-                a0.add(T * cols),
-                cols,
-                ta.tile(2 * pair, b),
-                ta.tile(2 * pair + 1, b),
-                c.as_mut_ptr(),
-            );
+                a: [a0, a0.add(T * cols)],
+                lda: cols,
+                b: [ta.tile(2 * pair, b), ta.tile(2 * pair + 1, b)],
+                c: c.as_mut_ptr(),
+            });
             // C tile t: weight rows 16·(t / 2).., activation rows 16·(t % 2)..
             for (t, ct) in c.chunks_exact(T * T).enumerate() {
                 let (rg, ag) = (t / 2, t % 2);
@@ -250,45 +248,35 @@ impl Engine {
         }
     }
 
-    /// The four products of one block: C[2·i + j] = A_i · B_j for the A tiles at `a0`, `a1`
-    /// (16 rows of 32 bytes, `lda` apart; unsigned, or signed when `signed`) and the B tiles
-    /// at `b0`, `b1` (8 rows of 64 bytes); `c` gets four 16 × 16 int32 tiles, row-major.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn step(
-        self,
-        signed: bool,
-        a0: *const u8,
-        a1: *const u8,
-        lda: usize,
-        b0: *const i8,
-        b1: *const i8,
-        c: *mut i32,
-    ) {
+    unsafe fn step(self, st: &Step) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Engine::Tiles => hw::step(signed, a0, a1, lda, b0, b1, c),
+            Engine::Tiles => hw::step(st),
             #[cfg(not(target_arch = "x86_64"))]
             Engine::Tiles => unreachable!("AMX exists on x86_64 only"),
-            Engine::Model => model_step(signed, a0, a1, lda, b0, b1, c),
+            Engine::Model => model_step(st),
         }
     }
 }
 
+/// The four products of one block: `C[2i + j] = A_i · B_j` for the A tiles at `a` (16 rows
+/// of 32 bytes, `lda` apart; unsigned, or signed when `signed`) and the B tiles at `b` (8
+/// rows of 64 bytes); `c` gets four 16 × 16 int32 tiles, row-major.
+struct Step {
+    signed: bool,
+    a: [*const u8; 2],
+    lda: usize,
+    b: [*const i8; 2],
+    c: *mut i32,
+}
+
 /// `tdpbusd` / `tdpbssd` on zeroed accumulators, as the instruction set reference defines
 /// them: `C[m][n] = Σ_k A[m][k] · B[k / 4][4n + k % 4]`.
-unsafe fn model_step(
-    signed: bool,
-    a0: *const u8,
-    a1: *const u8,
-    lda: usize,
-    b0: *const i8,
-    b1: *const i8,
-    c: *mut i32,
-) {
+unsafe fn model_step(st: &Step) {
+    let (signed, lda, c) = (st.signed, st.lda, st.c);
     for t in 0..4 {
-        let a = if t / 2 == 0 { a0 } else { a1 };
-        let b = if t % 2 == 0 { b0 } else { b1 };
+        let (a, b) = (st.a[t / 2], st.b[t % 2]);
         for m in 0..T {
             for n in 0..T {
                 let mut s = 0i32;
@@ -340,18 +328,11 @@ mod hw {
     }
 
     #[inline(always)]
-    pub(super) unsafe fn step(
-        signed: bool,
-        a0: *const u8,
-        a1: *const u8,
-        lda: usize,
-        b0: *const i8,
-        b1: *const i8,
-        c: *mut i32,
-    ) {
+    pub(super) unsafe fn step(st: &super::Step) {
         // One block per instruction sequence: tile contents never live across `asm!`
         // blocks (only the configuration does, which no compiled code touches).
-        let o = c as *mut u8;
+        let ([a0, a1], [b0, b1], lda) = (st.a, st.b, st.lda);
+        let o = st.c as *mut u8;
         macro_rules! step {
             ($dp:literal) => {
                 asm!(
@@ -385,7 +366,7 @@ mod hw {
                 )
             };
         }
-        if signed {
+        if st.signed {
             step!("tdpbssd");
         } else {
             step!("tdpbusd");
