@@ -216,6 +216,17 @@ pub fn step_id(kind: &str, params: &J, inputs: &[Id]) -> String {
     k.hex()
 }
 
+/// A train stage's step, whichever backend runs it: its label, the inputs that key it (none
+/// while `waits` names what is missing), and the datasets and parent checkpoint it trains on.
+struct TrainStep {
+    label: String,
+    inputs: Option<Vec<Id>>,
+    waits: String,
+    data: Option<Id>,
+    eval: Option<Id>,
+    parent: Option<Id>,
+}
+
 impl Exec<'_> {
     /// Run (or find, or plan) one step. `inputs` is `None` when an input is not made yet.
     fn step(
@@ -750,31 +761,17 @@ impl Exec<'_> {
         }
         let label = format!("train {}", Self::variant_label(stage, seeds));
         let inputs = missing.is_empty().then_some(inputs);
-        let waits = missing.join(", ");
-        let out = if let Some(endpoint) = hosted {
-            self.train_hosted(
-                &st,
-                own_seed,
-                endpoint,
-                label,
-                inputs,
-                &waits,
-                data,
-                eval.flatten(),
-                parent.flatten(),
-            )?
-        } else {
-            self.train_local(
-                &st,
-                &cfg,
-                &path,
-                label,
-                inputs,
-                &waits,
-                data,
-                eval.flatten(),
-                parent.flatten(),
-            )?
+        let step = TrainStep {
+            label,
+            inputs,
+            waits: missing.join(", "),
+            data,
+            eval: eval.flatten(),
+            parent: parent.flatten(),
+        };
+        let out = match hosted {
+            Some(endpoint) => self.train_hosted(&st, own_seed, endpoint, step)?,
+            None => self.train_local(&st, &cfg, &path, step)?,
         };
         let cks = match out {
             Some(ids) => {
@@ -798,21 +795,23 @@ impl Exec<'_> {
     }
 
     /// A local stage's step: a LoRA run ([`crate::jobs::train`]); its checkpoints.
-    #[allow(clippy::too_many_arguments)]
     fn train_local(
         &mut self,
         st: &StageSpec,
         cfg: &TrainConfig,
         path: &std::path::Path,
-        label: String,
-        inputs: Option<Vec<Id>>,
-        waits: &str,
-        data: Option<Id>,
-        eval: Option<Id>,
-        parent: Option<Id>,
+        step: TrainStep,
     ) -> Result<Option<Vec<Id>>, StudyError> {
+        let TrainStep {
+            label,
+            inputs,
+            waits,
+            data,
+            eval,
+            parent,
+        } = step;
         let params = json!({"config": crate::provenance::to_json("the training config", cfg)?, "eval_every": st.eval_every.unwrap_or(10)});
-        self.step("train", label, params, inputs, waits, |x| {
+        self.step("train", label, params, inputs, &waits, |x| {
             let plan = crate::jobs::train::TrainPlan {
                 model: path.to_path_buf(),
                 data: data.expect("known").to_hex(),
@@ -834,23 +833,25 @@ impl Exec<'_> {
     /// A hosted stage's step: a fine-tuning job through the root endpoint's API
     /// ([`crate::jobs::hosted`]); its one checkpoint (the `ft:` model), which the stage's
     /// evals sample through that API.
-    #[allow(clippy::too_many_arguments)]
     fn train_hosted(
         &mut self,
         st: &StageSpec,
         own_seed: Option<u64>,
         endpoint: Endpoint,
-        label: String,
-        inputs: Option<Vec<Id>>,
-        waits: &str,
-        data: Option<Id>,
-        eval: Option<Id>,
-        parent: Option<Id>,
+        step: TrainStep,
     ) -> Result<Option<Vec<Id>>, StudyError> {
+        let TrainStep {
+            label,
+            inputs,
+            waits,
+            data,
+            eval,
+            parent,
+        } = step;
         let seed = own_seed.or(st.seed);
         let params = json!({"backend": "openai", "epochs": st.epochs, "batch_size": st.batch_size,
             "lr_multiplier": st.lr_multiplier, "seed": seed, "suffix": st.suffix});
-        self.step("train", label, params, inputs, waits, |x| {
+        self.step("train", label, params, inputs, &waits, |x| {
             let plan = crate::jobs::hosted::HostedPlan {
                 endpoint: endpoint.base_url.clone(),
                 api_key_env: endpoint
