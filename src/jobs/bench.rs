@@ -212,9 +212,10 @@ pub fn bench_train(
     let pack_s = t_pack.elapsed().as_secs_f64();
     let mut times = Vec::new();
     let mut phases = Vec::new();
+    let host = matches!(m.model.device, candle_core::Device::Cpu);
     for s in 0..=steps {
         // Where the time goes (util::prof), on the host, in the timed steps.
-        prof::enable(s > 0 && matches!(m.model.device, candle_core::Device::Cpu));
+        prof::enable(s > 0 && host);
         let t0 = Instant::now();
         let r = trainer.step(&examples, &rows, s as u64, 1e-5);
         if s > 0 {
@@ -232,7 +233,7 @@ pub fn bench_train(
     let device = &m.model.device;
     let params_json = json!({"model": m.identity.name, "model_id": m.record().id()?.to_hex(), "batch": batch, "seq_len": seq_len, "steps": steps, "r": r, "trainable_params": numel, "dtype": format!("{:?}", m.model.dtype), "bf16_base": bf16_base, "device": format!("{device:?}"), "threads": cores()});
     let mut results = json!({"step_s": times, "mean_step_s": mean, "pack_s": pack_s, "tokens_per_s": tokens / mean, "peak_rss_mib": peak_rss_mib()});
-    if matches!(device, candle_core::Device::Cpu) {
+    if host {
         // Per step, on average.
         results["phases"] = prof::breakdown(&phases, mean);
     }

@@ -162,37 +162,24 @@ impl Linear {
     }
 
     fn forward_one(&self, x: &Tensor) -> Result<Tensor> {
-        let base_span = || prof::span(Phase::Base);
-        let (y, bias) = match self {
-            Linear::Blocks(q, b) => (
-                {
-                    let _t = base_span();
-                    blocks::matmul(q, x)?
-                },
-                b,
-            ),
-            Linear::Quant(q, b) => (
-                {
-                    let _t = base_span();
-                    q.forward(x)?
-                },
-                b,
-            ),
-            Linear::Dense(w, b) => (
-                {
-                    let _t = base_span();
-                    x.broadcast_matmul(&w.t()?)?
-                },
-                b,
-            ),
-            Linear::Lora {
-                base, a, b, scale, ..
-            } => {
-                let low = {
-                    let _t = prof::span(Phase::Adapter);
-                    (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * *scale)?
-                };
-                return base.forward(x)? + low;
+        if let Linear::Lora {
+            base, a, b, scale, ..
+        } = self
+        {
+            let low = {
+                let _t = prof::span(Phase::Adapter);
+                (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * *scale)?
+            };
+            return base.forward(x)? + low;
+        }
+        // The product only: the bias is added outside the span, as the rest of the layer.
+        let (y, bias) = {
+            let _t = prof::span(Phase::Base);
+            match self {
+                Linear::Blocks(q, b) => (blocks::matmul(q, x)?, b),
+                Linear::Quant(q, b) => (q.forward(x)?, b),
+                Linear::Dense(w, b) => (x.broadcast_matmul(&w.t()?)?, b),
+                Linear::Lora { .. } => unreachable!("adapters return above"),
             }
         };
         match bias {

@@ -117,18 +117,13 @@ pub fn breakdown(phases: &[(&'static str, f64)], total_s: f64) -> serde_json::Va
         counted += s;
         m.insert(format!("{name}_s"), serde_json::json!(s));
     }
-    m.insert(
-        "other_s".into(),
-        serde_json::json!((total_s - counted).max(0.0)),
-    );
+    let other = (total_s - counted).max(0.0);
+    m.insert("other_s".into(), serde_json::json!(other));
     if total_s > 0.0 {
         for (name, s) in phases {
             m.insert(format!("{name}_share"), serde_json::json!(s / total_s));
         }
-        m.insert(
-            "other_share".into(),
-            serde_json::json!((total_s - counted).max(0.0) / total_s),
-        );
+        m.insert("other_share".into(), serde_json::json!(other / total_s));
     }
     serde_json::Value::Object(m)
 }
